@@ -1,0 +1,8 @@
+"""hybrid_reid: multi-modal re-identification with CLIP and ViT towers behind one adapter."""
+from .config import Config, ConfigError, load_config
+from .models import BackboneOutput, build_model, create_backbone
+
+__version__ = "0.1.0"
+
+__all__ = ["BackboneOutput", "Config", "ConfigError", "build_model", "create_backbone", "load_config",
+           "__version__"]

@@ -1,0 +1,167 @@
+"""Benchmarks (``python run.py bench NAME``): ratios measured side by side in one process.
+
+Every benchmark interleaves its candidates round by round (so drift in machine load hits all of
+them alike), reports medians and ratios, and writes ``<out>/<name>.json`` and ``<out>/<name>.md``
+atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .registry import Registry
+
+BENCHMARKS: Registry[Callable[..., Dict]] = Registry("benchmark")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int,
+                     device: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each function, ``reps`` rounds, each round calling every function once."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        order = list(fns.items())
+        if r % 2:  # alternate the order so neither candidate always runs first
+            order.reverse()
+        for name, fn in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_atomic(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@BENCHMARKS.register("backbone")
+def bench_backbone(batch: int = 8, reps: int = 10, warmup: int = 2, tiny: bool = False,
+                   device: str = "cpu") -> Dict:
+    """Adapter forward vs the raw open_clip / timm forward, ViT-B/16 at 256x128.
+
+    Candidates (all with the same weights, inference mode):
+
+    * ``open_clip``: ``open_clip`` ViT-B-16-quickgelu ``visual(x)`` (force_image_size 256x128);
+      ``adapter_clip``: ``create_backbone("clip").embed(x, cam_ids)`` with CLS camera embedding.
+    * ``timm``: ``vit_base_patch16_224.forward_features(x)``; ``adapter_vit``:
+      ``create_backbone("vit")(x, cam_ids)`` with all-token camera embedding (stride 16, same grid).
+    * ``adapter_vit_tower``: the adapter's own timm tower called directly: the adapter minus its
+      tower, i.e. the cost of the camera-embedding hook and the output split.
+    """
+    import open_clip
+    import timm
+
+    from .models import create_backbone
+
+    dev = torch.device(device)
+    size = (256, 128)
+    arch_kw = dict(width=64, layers=2, heads=2, out_dim=64) if tiny else {}
+    vit_kw = dict(embed_dim=64, depth=2, num_heads=2) if tiny else {}
+    torch.manual_seed(0)
+    if tiny:
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        oc = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, image_size=size),
+                  text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+                  quick_gelu=True)
+    else:
+        oc = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None, force_image_size=size)
+    raw_vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=size, **vit_kw)
+    with tempfile.TemporaryDirectory() as d:
+        clip_ckpt, vit_ckpt = os.path.join(d, "clip.pt"), os.path.join(d, "vit.pt")
+        torch.save(oc.state_dict(), clip_ckpt)
+        torch.save(raw_vit.state_dict(), vit_ckpt)
+        ad_clip = create_backbone("clip", arch="ViT-B-16-quickgelu", pretrained=clip_ckpt, img_size=size,
+                                  num_cams=6, sie_mode="cls", **arch_kw)
+        ad_vit = create_backbone("vit", arch="vit_base_patch16_224", pretrained=vit_ckpt, img_size=size,
+                                 num_cams=6, sie_coef=3.0, sie_mode="all",
+                                 **{k: v for k, v in arch_kw.items() if k != "out_dim"})
+    raw_clip = oc.visual
+    for m in (raw_clip, raw_vit, ad_clip, ad_vit):
+        m.eval().to(dev)
+    x = torch.randn(batch, 3, *size, device=dev)
+    cams = torch.arange(batch, device=dev) % 6
+    with torch.inference_mode():
+        err_clip = (ad_clip.embed(x) - raw_clip(x)).abs().max().item()
+        err_vit = (ad_vit.tower.forward_features(x)[:, 0] - raw_vit.forward_features(x)[:, 0]).abs().max().item()
+        times = time_interleaved({
+            "open_clip": lambda: raw_clip(x),
+            "adapter_clip": lambda: ad_clip.embed(x, cams),
+            "timm": lambda: raw_vit.forward_features(x),
+            "adapter_vit": lambda: ad_vit(x, cams),
+            "adapter_vit_tower": lambda: ad_vit.tower.forward_features(x),
+        }, reps=reps, warmup=warmup, device=dev)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {
+        "adapter_clip / open_clip": med["adapter_clip"] / med["open_clip"],
+        "adapter_vit / timm": med["adapter_vit"] / med["timm"],
+        "adapter_vit / its own timm tower": med["adapter_vit"] / med["adapter_vit_tower"],
+    }
+    return {
+        "name": "backbone", "goal": "adapter forward <= 1.03x raw forward",
+        "setting": {"arch": "tiny (2 layers, width 64)" if tiny else "ViT-B/16", "img_size": list(size),
+                    "batch": batch, "reps": reps, "warmup": warmup},
+        "environment": environment(dev),
+        "median_s": med, "all_s": times, "ratios": ratios,
+        "max_abs_diff": {"adapter_clip vs open_clip (no camera ids)": err_clip,
+                         "adapter_vit tower vs timm": err_vit},
+    }
+
+
+def to_markdown(result: Dict) -> str:
+    lines = [f"# Benchmark: {result['name']}", "", f"Goal: {result.get('goal', '-')}", "",
+             "Setting: " + ", ".join(f"{k}={v}" for k, v in result["setting"].items()),
+             "Environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()), "",
+             "| candidate | median (ms) |", "|---|---:|"]
+    lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in result["median_s"].items()]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    if result.get("max_abs_diff"):
+        lines += ["", "| check | max abs diff |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2e} |" for k, v in result["max_abs_diff"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(name: str, out_dir: Optional[str] = "experiments/benchmarks", **kwargs) -> Dict:
+    """Run one registered benchmark and write ``<out_dir>/<name>.json`` and ``.md``."""
+    result = BENCHMARKS.get(name)(**kwargs)
+    if out_dir:
+        write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=2) + "\n")
+        write_atomic(os.path.join(out_dir, f"{name}.md"), to_markdown(result))
+    return result

@@ -1,0 +1,8 @@
+"""Typed configuration (dataclasses from YAML, ``_base_`` inheritance, dotted overrides)."""
+from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from .schema import Config, ModelConfig, MultiScaleConfig, TowerConfig, load_config
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "MultiScaleConfig", "TowerConfig",
+    "deep_merge", "from_dict", "load_config", "load_yaml", "parse_overrides", "to_dict",
+]

@@ -1,0 +1,327 @@
+"""One adapter for the CLIP ViT (open_clip) and the ImageNet ViT (timm).
+
+Both towers are built as timm ``VisionTransformer``s: the ImageNet ViT directly from its timm name,
+the CLIP image tower from its open_clip model config (pre-norm, QuickGELU, LayerNorm eps 1e-5) and
+loaded through timm's OpenAI-CLIP key converter. They therefore share every hook point: the strided
+patch embedding, the camera/view embedding (a pre-hook on ``pos_drop``, i.e. after the positional
+embedding, TransReID's place) and, later, the LoRA target names. An equality test against
+open_clip's own ``encode_image`` keeps the CLIP build honest.
+
+Call signature, whatever the tower::
+
+    out = backbone(images, cam_ids=cams, view_ids=views)  # BackboneOutput(cls [B,D], patches [B,N,D], grid)
+    feat = backbone.embed(images)                          # CLIP: [B, 512] projection; ViT: [B, D] CLS
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.layers import PatchEmbed
+from torch import nn
+
+from ..registry import Registry
+from .checkpoint import load_tower_weights
+
+_logger = logging.getLogger(__name__)
+
+#: Tower kinds: name -> builder(arch, img_size, stride, **tower_kwargs) -> TowerSpec.
+TOWERS: Registry[Callable[..., "TowerSpec"]] = Registry("backbone kind")
+
+IntPair = Union[int, Tuple[int, int], Sequence[int]]
+
+
+@dataclass
+class BackboneOutput:
+    """Tokens of one tower after its final norm.
+
+    Attributes:
+        cls: [B, D] class token (camera/view embedding applied, no projection).
+        patches: [B, N, D] patch tokens, row-major over ``grid``.
+        grid: (h, w) patch grid, ``h * w == N``.
+    """
+
+    cls: torch.Tensor
+    patches: torch.Tensor
+    grid: Tuple[int, int]
+
+
+@dataclass
+class TowerSpec:
+    """What a tower builder returns: the timm tower and the metadata the adapter needs."""
+
+    tower: nn.Module
+    out_dim: Optional[int]  # CLIP projection width; None = no projection (embed returns the CLS)
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+def _pair(x: IntPair) -> Tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    x = tuple(int(v) for v in x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or (h, w), got {x}")
+    return x  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- layers
+class StridedPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` with a stride (TransReID's overlapping patches: stride 12 -> 21x10 at 256x128)."""
+
+    def __init__(self, *args: Any, stride: Optional[IntPair] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stride = _pair(stride) if stride is not None else self.patch_size
+        if self.stride != self.patch_size:
+            old = self.proj
+            self.proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=self.patch_size,
+                                  stride=self.stride, bias=old.bias is not None)
+        if self.img_size is not None:
+            self.grid_size = self.dynamic_feat_size(self.img_size)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        (ph, pw), (sh, sw) = self.patch_size, self.stride
+        return (img_size[0] - ph) // sh + 1, (img_size[1] - pw) // sw + 1
+
+
+class CameraViewEmbedding(nn.Module):
+    """SIE: one learned row per camera (x view), scaled by ``coef``.
+
+    The row of (cam, view) is ``cam * num_views + view`` when both are used (TransReID's layout),
+    else ``cam`` or ``view``. Init trunc-normal, std 0.02.
+
+    Args:
+        dim: token width D.
+        num_cams: number of cameras (0 = cameras not used).
+        num_views: number of views (0 = views not used).
+        coef: scale (TransReID's ``sie_xishu``).
+        mode: ``all`` (added to every token) or ``cls`` (class token only).
+    """
+
+    def __init__(self, dim: int, num_cams: int = 0, num_views: int = 0, coef: float = 1.0,
+                 mode: str = "all") -> None:
+        super().__init__()
+        if mode not in ("all", "cls"):
+            raise ValueError(f"sie_mode must be 'all' or 'cls', got {mode!r}")
+        if num_cams <= 0 and num_views <= 0:
+            raise ValueError("CameraViewEmbedding needs num_cams > 0 or num_views > 0")
+        self.num_cams, self.num_views, self.coef, self.mode = num_cams, num_views, float(coef), mode
+        rows = max(num_cams, 1) * max(num_views, 1)
+        self.table = nn.Parameter(torch.zeros(rows, dim))
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def _check(self, ids: Optional[torch.Tensor], n: int, what: str) -> torch.Tensor:
+        if ids is None:
+            raise ValueError(f"this backbone has a {what} embedding (num_{what}s={n}): pass {what}_ids, "
+                             f"or build it with num_{what}s=0")
+        ids = torch.as_tensor(ids).long()
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what} id {bad} out of range: the embedding has num_{what}s={n} "
+                             f"(ids are 0-based, 0..{n - 1}); set model.num_{what}s to the data set's count")
+        return ids
+
+    def forward(self, cam_ids: Optional[torch.Tensor], view_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Returns [B, D]: ``coef * table[row]``."""
+        if self.num_cams and self.num_views:
+            row = self._check(cam_ids, self.num_cams, "cam") * self.num_views + \
+                self._check(view_ids, self.num_views, "view")
+        elif self.num_cams:
+            row = self._check(cam_ids, self.num_cams, "cam")
+        else:
+            row = self._check(view_ids, self.num_views, "view")
+        return self.coef * self.table[row.to(self.table.device)]
+
+
+# ---------------------------------------------------------------------------------------- backbone
+class Backbone(nn.Module):
+    """A timm ViT tower with camera/view embedding, optional CLIP projection and its preprocessing.
+
+    Attributes:
+        kind: ``clip`` or ``vit``.
+        tower: the timm ``VisionTransformer`` (``num_classes=0``).
+        sie: the camera/view embedding, or None.
+        proj: CLIP's projection (``nn.Linear(D, out_dim, bias=False)``) or None.
+        embed_dim: token width D (768 for both B/16 towers).
+        out_dim: width of :meth:`embed` (512 for CLIP B/16, D for the ViT).
+        grid: patch grid (h, w) at ``img_size``.
+        mean, std: the normalisation the tower was trained with (RGB order).
+    """
+
+    def __init__(self, kind: str, spec: TowerSpec, img_size: Tuple[int, int], sie: Optional[CameraViewEmbedding],
+                 arch: str = "") -> None:
+        super().__init__()
+        self.kind, self.arch, self.img_size = kind, arch, img_size
+        self.tower = spec.tower
+        self.embed_dim: int = self.tower.embed_dim
+        self.num_prefix_tokens: int = getattr(self.tower, "num_prefix_tokens", 1)
+        self.grid: Tuple[int, int] = tuple(self.tower.patch_embed.grid_size)  # type: ignore[assignment]
+        self.mean, self.std = spec.mean, spec.std
+        self.proj = nn.Linear(self.embed_dim, spec.out_dim, bias=False) if spec.out_dim else None
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=self.embed_dim ** -0.5)  # open_clip's init
+        self.out_dim: int = spec.out_dim or self.embed_dim
+        self.sie = sie
+        self._sie_bias: Optional[torch.Tensor] = None
+        if sie is not None:
+            self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
+
+    def _add_sie(self, module: nn.Module, args: Tuple[torch.Tensor, ...]):
+        """Pre-hook on ``pos_drop``: x = cat(cls, patches) + pos_embed arrives here."""
+        bias = self._sie_bias
+        if bias is None:
+            return None
+        x = args[0]
+        if self.sie.mode == "all":
+            x = x + bias.to(x.dtype).unsqueeze(1)
+        else:
+            x = torch.cat([x[:, :1] + bias.to(x.dtype).unsqueeze(1), x[:, 1:]], dim=1)
+        return (x,)
+
+    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+                view_ids: Optional[torch.Tensor] = None) -> BackboneOutput:
+        """images [B, C, H, W] (normalised with ``mean``/``std``) -> :class:`BackboneOutput`.
+
+        ``cam_ids`` / ``view_ids`` ([B], 0-based) are required when the backbone has a camera / view
+        embedding and ignored otherwise.
+        """
+        if self.sie is not None:
+            self._sie_bias = self.sie(cam_ids, view_ids)
+        try:
+            tokens = self.tower.forward_features(images)
+        finally:
+            self._sie_bias = None
+        npt = self.num_prefix_tokens
+        return BackboneOutput(cls=tokens[:, 0], patches=tokens[:, npt:], grid=self.grid)
+
+    def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+              view_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, out_dim]: CLIP's projected image feature, or the ViT's CLS after the final norm."""
+        cls = self.forward(images, cam_ids, view_ids).cls
+        return self.proj(cls) if self.proj is not None else cls
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.tower.set_grad_checkpointing(enable)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, arch={self.arch!r}, grid={self.grid}, out_dim={self.out_dim}"
+
+
+# ----------------------------------------------------------------------------------- tower builders
+_KWARG_ALIASES = {"depth": "layers", "num_heads": "heads", "embed_dim": "width"}
+_CLIP_KWARGS = ("width", "layers", "heads", "mlp_ratio", "patch_size", "out_dim", "drop_path")
+_VIT_KWARGS = ("width", "layers", "heads", "mlp_ratio", "patch_size", "drop_path")
+
+
+def _check_kwargs(kind: str, kwargs: Dict[str, Any], allowed: Sequence[str]) -> Dict[str, Any]:
+    out = {}
+    for k, v in kwargs.items():
+        k2 = _KWARG_ALIASES.get(k, k)
+        if k2 not in allowed:
+            close = difflib.get_close_matches(k, list(allowed) + list(_KWARG_ALIASES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown tower_kwargs key {k!r} for the {kind} tower{hint} "
+                             f"(valid: {', '.join(allowed)})")
+        out[k2] = v
+    return out
+
+
+@TOWERS.register("clip")
+def _build_clip(arch: str, img_size: Tuple[int, int], stride: Optional[int], **kwargs: Any) -> TowerSpec:
+    """CLIP image tower from an open_clip model config, as a timm VisionTransformer."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = _check_kwargs("clip", kwargs, _CLIP_KWARGS)
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        names = [n for n in open_clip.list_models() if n.startswith("ViT")]
+        close = difflib.get_close_matches(arch, names, n=3)
+        raise ValueError(f"{arch!r} is not an open_clip model name (closest: {close}); "
+                         "the clip backbone takes open_clip ViT names such as 'ViT-B-16-quickgelu'")
+    v = dict(cfg["vision_cfg"])
+    supported = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+    if "timm_model_name" in v or not isinstance(v.get("layers"), int) or set(v) - supported:
+        raise ValueError(f"open_clip arch {arch!r} is not a plain CLIP ViT (vision_cfg {sorted(v)}); "
+                         "supported: the OpenAI-style ViT configs (ViT-B-16, ViT-B-16-quickgelu, ViT-L-14 ...)")
+    width = int(kw.get("width", v["width"]))
+    heads = int(kw["heads"]) if "heads" in kw else width // int(v.get("head_width", 64))
+    tower = VisionTransformer(
+        img_size=img_size, patch_size=int(kw.get("patch_size", v["patch_size"])), num_classes=0,
+        embed_dim=width, depth=int(kw.get("layers", v["layers"])), num_heads=heads,
+        mlp_ratio=float(kw.get("mlp_ratio", v.get("mlp_ratio", 4.0))), qkv_bias=True, pre_norm=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        act_layer=QuickGELU if cfg.get("quick_gelu", False) else nn.GELU,
+        drop_path_rate=float(kw.get("drop_path", 0.0)),
+        embed_layer=partial(StridedPatchEmbed, stride=stride),
+    )
+    return TowerSpec(tower, int(kw.get("out_dim", cfg["embed_dim"])),
+                     tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
+
+
+@TOWERS.register("vit")
+def _build_vit(arch: str, img_size: Tuple[int, int], stride: Optional[int], **kwargs: Any) -> TowerSpec:
+    """ImageNet ViT from its timm name (no download: ``pretrained=False``; weights come from a file)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = _check_kwargs("vit", kwargs, _VIT_KWARGS)
+    name = arch.split(".")[0]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=3)
+        raise ValueError(f"{arch!r} is not a timm model name (closest: {close})")
+    renames = {"width": "embed_dim", "layers": "depth", "heads": "num_heads", "drop_path": "drop_path_rate"}
+    timm_kw = {renames.get(k, k): v for k, v in kw.items()}
+    try:
+        tower = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
+                                  embed_layer=partial(StridedPatchEmbed, stride=stride), **timm_kw)
+    except TypeError as e:
+        raise ValueError(f"timm model {arch!r} cannot be built as a ViT tower ({e}); "
+                         "the vit backbone takes timm VisionTransformer names") from None
+    if not isinstance(tower, VisionTransformer):
+        raise ValueError(f"timm model {arch!r} is a {type(tower).__name__}, not a VisionTransformer")
+    cfg = tower.pretrained_cfg or {}
+    return TowerSpec(tower, None, tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5))))
+
+
+def create_backbone(kind: str, *, arch: str, pretrained: Optional[str] = None,
+                    img_size: IntPair = (256, 128), stride: Optional[int] = None, num_cams: int = 0,
+                    num_views: int = 0, sie_coef: float = 1.0, sie_mode: str = "all",
+                    **tower_kwargs: Any) -> Backbone:
+    """Build a CLIP or ViT tower behind the common :class:`Backbone` call.
+
+    Args:
+        kind: ``"clip"`` (open_clip name) or ``"vit"`` (timm name); see ``TOWERS.names()``.
+        arch: architecture name, e.g. ``ViT-B-16-quickgelu`` or ``vit_base_patch16_224``.
+        pretrained: local checkpoint path (OpenAI TorchScript ``.pt``, open_clip / timm / TransReID
+            state dict, safetensors) or None for random init. Never downloaded.
+        img_size: input (h, w); the positional embedding is resized to the resulting grid.
+        stride: patch stride (None = patch size); 12 gives 21x10 at 256x128.
+        num_cams, num_views: rows of the camera/view embedding (both 0: no embedding).
+        sie_coef: embedding scale. sie_mode: ``all`` tokens (TransReID) or ``cls`` only (CLIP-ReID).
+        **tower_kwargs: ``width``, ``layers`` (``depth``), ``heads``, ``mlp_ratio``, ``patch_size``,
+            ``drop_path``, and for CLIP ``out_dim`` — tiny towers for tests.
+
+    Example:
+        >>> vit = create_backbone("vit", arch="vit_base_patch16_224", stride=12, num_cams=6, sie_coef=3.0)
+        >>> out = vit(images, cam_ids=cams)        # cls [B,768], patches [B,210,768], grid (21,10)
+    """
+    builder = TOWERS.get(kind)
+    size = _pair(img_size)
+    spec = builder(arch, size, stride, **tower_kwargs)
+    sie = None
+    if num_cams > 0 or num_views > 0:
+        sie = CameraViewEmbedding(spec.tower.embed_dim, num_cams, num_views, sie_coef, sie_mode)
+    elif sie_mode not in ("all", "cls"):
+        raise ValueError(f"sie_mode must be 'all' or 'cls', got {sie_mode!r}")
+    backbone = Backbone(kind, spec, size, sie, arch=arch)
+    if pretrained:
+        load_tower_weights(backbone.tower, pretrained, proj=backbone.proj)
+    return backbone

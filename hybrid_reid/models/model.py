@@ -1,0 +1,237 @@
+"""The ReID model built from already-built parts (fast-reid's meta-architecture idea).
+
+    images [B,3,H,W], cam_ids, view_ids
+      -> per tower t in {clip, vit}:  Backbone_t -> cls_t [B,D_t], patches_t [B,N_t,D_t]
+                                      cls_t += MultiScale_t(patches_t, grid_t)        (optional)
+                                      f_t = Projector_t(cls_t)  [B,F]                 (shared space)
+      -> fusion({f_t}, {Projector_t(patches_t)}) [B,F]                                 (hybrid only)
+      -> BNNeck [B,F] -> ID classifier [B,num_classes]                                 (optional)
+
+Only :func:`build_model` reads config; the modules take plain ints and already-built parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .backbone import Backbone, BackboneOutput, create_backbone
+from .checkpoint import CheckpointError
+from .fusion import FUSIONS, TowerFusion
+from .multi_scale import MultiScaleExtractor
+
+
+@dataclass
+class EncoderOutput:
+    """Named output of :class:`ReIDEncoder`.
+
+    Attributes:
+        feat: [B, F] fused feature in the shared space.
+        tower_feats: {tower: [B, F]} each tower's projected feature (before fusion).
+        towers: {tower: BackboneOutput} raw tokens (cls includes the multi-scale vector).
+    """
+
+    feat: torch.Tensor
+    tower_feats: Dict[str, torch.Tensor]
+    towers: Dict[str, BackboneOutput] = field(repr=False)
+
+
+@dataclass
+class ReIDOutput:
+    """Named output of :class:`ReIDModel`.
+
+    Attributes:
+        feat: [B, F] feature before the BNNeck (for metric losses such as triplet).
+        bn_feat: [B, F] feature after the BNNeck (the retrieval feature at test time).
+        logits: [B, num_classes] ID logits, or None without a classifier.
+        encoder: the encoder's output (per-tower features and tokens).
+    """
+
+    feat: torch.Tensor
+    bn_feat: torch.Tensor
+    logits: Optional[torch.Tensor]
+    encoder: EncoderOutput = field(repr=False)
+
+
+class ReIDEncoder(nn.Module):
+    """One or more towers projected into the shared space F and fused.
+
+    Args:
+        backbones: {tower name: Backbone}; the first one's mean/std is the expected input
+            normalisation, the others re-normalise the input to their own (an exact affine map).
+        feat_dim: F.
+        multi_scale: {tower: MultiScaleExtractor} for the towers that use one.
+        fusion: a :class:`TowerFusion` when there are several towers, else None.
+        reuse_clip_proj: project a CLIP tower with its own projection when its width equals F.
+    """
+
+    def __init__(self, backbones: Dict[str, Backbone], feat_dim: int,
+                 multi_scale: Optional[Dict[str, MultiScaleExtractor]] = None,
+                 fusion: Optional[TowerFusion] = None, reuse_clip_proj: bool = True) -> None:
+        super().__init__()
+        if not backbones:
+            raise ValueError("ReIDEncoder needs at least one backbone")
+        if len(backbones) > 1 and fusion is None:
+            raise ValueError(f"{len(backbones)} towers need a fusion")
+        self.backbones = nn.ModuleDict(backbones)
+        self.multi_scale = nn.ModuleDict(multi_scale or {})
+        self.fusion = fusion
+        self.feat_dim = feat_dim
+        self.reused_proj = {t for t, b in backbones.items()
+                            if reuse_clip_proj and b.proj is not None and b.proj.out_features == feat_dim}
+        self.projectors = nn.ModuleDict({t: nn.Linear(b.embed_dim, feat_dim, bias=False)
+                                         for t, b in backbones.items() if t not in self.reused_proj})
+        first = next(iter(backbones.values()))
+        self.mean, self.std = first.mean, first.std
+        for t, b in backbones.items():  # x_t = (x * std_in + mean_in - mean_t) / std_t
+            std_in, mean_in = torch.tensor(first.std), torch.tensor(first.mean)
+            scale = (std_in / torch.tensor(b.std)).view(1, 3, 1, 1)
+            shift = ((mean_in - torch.tensor(b.mean)) / torch.tensor(b.std)).view(1, 3, 1, 1)
+            identity = bool(torch.allclose(scale, torch.ones(1)) and torch.allclose(shift, torch.zeros(1)))
+            self.register_buffer(f"_renorm_scale_{t}", None if identity else scale, persistent=False)
+            self.register_buffer(f"_renorm_shift_{t}", None if identity else shift, persistent=False)
+
+    @property
+    def grids(self) -> Dict[str, Tuple[int, int]]:
+        return {t: b.grid for t, b in self.backbones.items()}
+
+    def projector(self, tower: str) -> nn.Module:
+        """The module mapping tower tokens [.., D] into F (CLIP's own projection when reused)."""
+        return self.backbones[tower].proj if tower in self.reused_proj else self.projectors[tower]
+
+    def _input_for(self, tower: str, images: torch.Tensor) -> torch.Tensor:
+        scale = getattr(self, f"_renorm_scale_{tower}")
+        if scale is None or images.shape[1] != 3:
+            return images
+        return images * scale.to(images.dtype) + getattr(self, f"_renorm_shift_{tower}").to(images.dtype)
+
+    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+                view_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """images [B,3,H,W] normalised with ``self.mean``/``self.std`` -> :class:`EncoderOutput`."""
+        outs: Dict[str, BackboneOutput] = {}
+        feats: Dict[str, torch.Tensor] = {}
+        tokens: Dict[str, torch.Tensor] = {}
+        needs_tokens = self.fusion is not None and self.fusion.needs_tokens
+        for t, backbone in self.backbones.items():
+            out = backbone(self._input_for(t, images), cam_ids, view_ids)
+            if t in self.multi_scale:
+                out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid)
+            outs[t] = out
+            proj = self.projector(t)
+            feats[t] = proj(out.cls)
+            if needs_tokens:
+                tokens[t] = proj(out.patches)
+        feat = self.fusion(feats, tokens or None) if self.fusion is not None else next(iter(feats.values()))
+        return EncoderOutput(feat=feat, tower_feats=feats, towers=outs)
+
+
+class ReIDHead(nn.Module):
+    """BNNeck (bias frozen, as in Bag of Tricks) + bias-free ID classifier (std 0.001).
+
+    Args:
+        dim: feature width F.
+        num_classes: identities (0 = BNNeck only).
+    """
+
+    def __init__(self, dim: int, num_classes: int = 0) -> None:
+        super().__init__()
+        self.bnneck = nn.BatchNorm1d(dim)
+        self.bnneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else None
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        bn = self.bnneck(feat)
+        return bn, (self.classifier(bn) if self.classifier is not None else None)
+
+
+class ReIDModel(nn.Module):
+    """Encoder + head. Returns a :class:`ReIDOutput` in train and eval mode alike."""
+
+    def __init__(self, encoder: ReIDEncoder, head: ReIDHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+                view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
+        enc = self.encoder(images, cam_ids, view_ids)
+        bn, logits = self.head(enc.feat)
+        return ReIDOutput(feat=enc.feat, bn_feat=bn, logits=logits, encoder=enc)
+
+
+def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> ReIDModel:
+    """Build the model a :class:`ModelConfig` describes.
+
+    Args:
+        cfg: the ``model`` section.
+        load_pretrained: False builds the architecture only (``run.py info``; no weight files needed).
+    """
+    backbones: Dict[str, Backbone] = {}
+    for t in cfg.towers:
+        tc = getattr(cfg, t)
+        kwargs = dict(tc.tower_kwargs)
+        if tc.drop_path:
+            kwargs["drop_path"] = tc.drop_path
+        try:
+            backbones[t] = create_backbone(
+                t, arch=tc.arch, pretrained=tc.pretrained if load_pretrained else None, img_size=cfg.img_size,
+                stride=tc.stride, num_cams=cfg.num_cams, num_views=cfg.num_views, sie_coef=tc.sie_coef,
+                sie_mode=tc.sie_mode, **kwargs)
+        except (ValueError, CheckpointError) as e:
+            raise type(e)(f"model.{t}: {e}") from None
+    ms = cfg.multi_scale
+    multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
+                   for t, b in backbones.items()} if ms.enabled else None
+    fusion = None
+    if len(backbones) > 1:
+        try:
+            fusion = FUSIONS.get(cfg.fusion)(list(backbones), cfg.feat_dim, **cfg.fusion_kwargs)
+        except KeyError as e:
+            raise ValueError(f"model.fusion: {e.args[0]}") from None
+        except TypeError as e:
+            raise ValueError(f"model.fusion_kwargs for {cfg.fusion!r}: {e}") from None
+    encoder = ReIDEncoder(backbones, cfg.feat_dim, multi_scale, fusion, cfg.reuse_clip_proj)
+    return ReIDModel(encoder, ReIDHead(cfg.feat_dim, cfg.num_classes))
+
+
+def parameter_summary(model: ReIDModel) -> Dict[str, object]:
+    """Parameters per component: ``{"components": {name: {"params", "trainable"}}, "total", ...}``.
+
+    Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
+    ``fusion`` and ``head``; a parameter shared by two (CLIP's reused projection) is counted once,
+    under the projector.
+    """
+    enc = model.encoder
+    parts: Dict[str, Optional[nn.Module]] = {}
+    for t, b in enc.backbones.items():
+        parts[f"{t}.sie"] = b.sie
+        parts[f"{t}.multi_scale"] = enc.multi_scale[t] if t in enc.multi_scale else None
+        parts[f"{t}.projector"] = enc.projector(t)
+    parts["fusion"] = enc.fusion
+    parts["head"] = model.head
+    seen: set = set()
+
+    def count(params) -> Dict[str, int]:
+        ps = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        return {"params": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+
+    comps = {name: count(m.parameters() if m is not None else []) for name, m in parts.items()}
+    for t, b in enc.backbones.items():  # what is left of each backbone is the tower itself
+        comps[f"{t}.tower"] = count(b.parameters())
+    rest = count(model.parameters())
+    if rest["params"]:
+        comps["other"] = rest
+    order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "projector")]
+    comps = {k: comps[k] for k in order + ["fusion", "head", "other"] if k in comps}
+    total = sum(c["params"] for c in comps.values())
+    trainable = sum(c["trainable"] for c in comps.values())
+    share = {t: comps[f"{t}.multi_scale"]["params"] / max(1, comps[f"{t}.tower"]["params"])
+             for t in enc.backbones}
+    return {"components": comps, "total": total, "trainable": trainable, "frozen": total - trainable,
+            "grid": {t: list(g) for t, g in enc.grids.items()}, "multi_scale_share": share}
