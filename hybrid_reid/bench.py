@@ -117,29 +117,37 @@ def bench_backbone(batch: int = 8, reps: int = 10, warmup: int = 2, tiny: bool =
         m.eval().to(dev)
     x = torch.randn(batch, 3, *size, device=dev)
     cams = torch.arange(batch, device=dev) % 6
-    with torch.inference_mode():
-        err_clip = (ad_clip.embed(x) - raw_clip(x)).abs().max().item()
-        err_vit = (ad_vit.tower.forward_features(x)[:, 0] - raw_vit.forward_features(x)[:, 0]).abs().max().item()
-        times = time_interleaved({
-            "open_clip": lambda: raw_clip(x),
-            "adapter_clip": lambda: ad_clip.embed(x, cams),
-            "timm": lambda: raw_vit.forward_features(x),
-            "adapter_vit": lambda: ad_vit(x, cams),
-            "adapter_vit_tower": lambda: ad_vit.tower.forward_features(x),
-        }, reps=reps, warmup=warmup, device=dev)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {
-        "adapter_clip / open_clip": med["adapter_clip"] / med["open_clip"],
-        "adapter_vit / timm": med["adapter_vit"] / med["timm"],
-        "adapter_vit / its own timm tower": med["adapter_vit"] / med["adapter_vit_tower"],
+    fns = {
+        "open_clip": lambda: raw_clip(x),
+        "adapter_clip": lambda: ad_clip.embed(x, cams),
+        "timm": lambda: raw_vit.forward_features(x),
+        "adapter_vit": lambda: ad_vit(x, cams),
+        "adapter_vit_tower": lambda: ad_vit.tower.forward_features(x),
     }
+    pairs = [("adapter_clip", "open_clip"), ("adapter_vit", "timm"), ("adapter_vit", "adapter_vit_tower"),
+             ("timm", "timm")]  # the last is an A/A control: the noise floor of this machine
+    with torch.inference_mode():
+        err_clip = (ad_clip.proj(ad_clip.tower.forward_features(x)[:, 0]) - raw_clip(x)).abs().max().item()
+        err_vit = (ad_vit.tower.forward_features(x)[:, 0] - raw_vit.forward_features(x)[:, 0]).abs().max().item()
+        ratios, spread, times = {}, {}, {}
+        for a, b in pairs:
+            t = time_interleaved({"a": fns[a], "b": fns[b]}, reps=reps, warmup=warmup, device=dev)
+            per_round = sorted(ta / tb for ta, tb in zip(t["a"], t["b"]))
+            key = f"{a} / {b}" + (" (A/A control)" if a == b else "")
+            ratios[key] = statistics.median(per_round)
+            q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
+            spread[key] = [q[0], q[2]]
+            times[key] = t
     return {
         "name": "backbone", "goal": "adapter forward <= 1.03x raw forward",
+        "method": "each pair timed alone, alternating order each round (ABBA); ratio = median over rounds "
+                  "of t_a / t_b; iqr = its 25th-75th percentiles",
         "setting": {"arch": "tiny (2 layers, width 64)" if tiny else "ViT-B/16", "img_size": list(size),
                     "batch": batch, "reps": reps, "warmup": warmup},
         "environment": environment(dev),
-        "median_s": med, "all_s": times, "ratios": ratios,
-        "max_abs_diff": {"adapter_clip vs open_clip (no camera ids)": err_clip,
+        "median_s": {k: {"a": statistics.median(t["a"]), "b": statistics.median(t["b"])} for k, t in times.items()},
+        "ratios": ratios, "iqr": spread, "all_s": times,
+        "max_abs_diff": {"adapter_clip tower+proj vs open_clip": err_clip,
                          "adapter_vit tower vs timm": err_vit},
     }
 
@@ -148,10 +156,11 @@ def to_markdown(result: Dict) -> str:
     lines = [f"# Benchmark: {result['name']}", "", f"Goal: {result.get('goal', '-')}", "",
              "Setting: " + ", ".join(f"{k}={v}" for k, v in result["setting"].items()),
              "Environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()), "",
-             "| candidate | median (ms) |", "|---|---:|"]
-    lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in result["median_s"].items()]
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+             f"Method: {result['method']}", "",
+             "| a / b | a median (ms) | b median (ms) | ratio (median) | ratio (iqr) |", "|---|---:|---:|---:|---:|"]
+    for k, v in result["ratios"].items():
+        m, q = result["median_s"][k], result["iqr"][k]
+        lines.append(f"| {k} | {m['a'] * 1e3:.1f} | {m['b'] * 1e3:.1f} | {v:.3f} | {q[0]:.3f}-{q[1]:.3f} |")
     if result.get("max_abs_diff"):
         lines += ["", "| check | max abs diff |", "|---|---:|"]
         lines += [f"| {k} | {v:.2e} |" for k, v in result["max_abs_diff"].items()]

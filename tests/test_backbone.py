@@ -207,3 +207,19 @@ def test_full_size_towers_are_vit_b16():
     assert clip.embed_dim == vit.embed_dim == 768 and clip.out_dim == 512
     assert clip.grid == (16, 8) and vit.grid == (21, 10)
     assert sum(p.numel() for p in clip.tower.parameters()) == 85_747_200  # OpenAI visual minus proj
+
+
+def test_deepcopy_keeps_the_camera_embedding_working():
+    """EMA / teacher copies: the copy's hook must apply the copy's own table, not the original's."""
+    import copy
+
+    b = tiny("vit", num_cams=3, sie_coef=5.0).eval()
+    c = copy.deepcopy(b)
+    delta = torch.randn_like(c.sie.table)  # not a constant: LayerNorm would remove that
+    saved = c.sie.table.detach().clone()
+    with torch.no_grad():
+        c.sie.table.add_(delta)
+        x, cams = torch.randn(2, 3, 256, 128), torch.tensor([0, 2])
+        assert not torch.allclose(b(x, cams).cls, c(x, cams).cls)
+        c.sie.table.copy_(saved)
+        assert torch.equal(b(x, cams).cls, c(x, cams).cls)

@@ -120,7 +120,7 @@ class CameraViewEmbedding(nn.Module):
             raise ValueError(f"this backbone has a {what} embedding (num_{what}s={n}): pass {what}_ids, "
                              f"or build it with num_{what}s=0")
         ids = torch.as_tensor(ids).long()
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one device sync for both bounds
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{what} id {bad} out of range: the embedding has num_{what}s={n} "

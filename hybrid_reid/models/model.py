@@ -86,8 +86,8 @@ class ReIDEncoder(nn.Module):
                                          for t, b in backbones.items() if t not in self.reused_proj})
         first = next(iter(backbones.values()))
         self.mean, self.std = first.mean, first.std
+        std_in, mean_in = torch.tensor(first.std), torch.tensor(first.mean)
         for t, b in backbones.items():  # x_t = (x * std_in + mean_in - mean_t) / std_t
-            std_in, mean_in = torch.tensor(first.std), torch.tensor(first.mean)
             scale = (std_in / torch.tensor(b.std)).view(1, 3, 1, 1)
             shift = ((mean_in - torch.tensor(b.mean)) / torch.tensor(b.std)).view(1, 3, 1, 1)
             identity = bool(torch.allclose(scale, torch.ones(1)) and torch.allclose(shift, torch.zeros(1)))

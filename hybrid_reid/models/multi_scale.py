@@ -55,7 +55,7 @@ class MultiScaleExtractor(nn.Module):
         self.scale_embed = nn.Parameter(torch.zeros(len(self.window_sizes), dim))
         nn.init.trunc_normal_(self.scale_embed, std=0.02)
         self.norm = nn.LayerNorm(dim)
-        self.score = nn.Linear(dim, 1)
+        self.score = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)

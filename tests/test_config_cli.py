@@ -1,0 +1,105 @@
+"""Typed configs (every shipped YAML validated and built), the CLI, and the backbone benchmark."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_reid import ConfigError, build_model, load_config
+from hybrid_reid.config import to_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")) +
+               glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True))
+
+
+def test_yaml_set_is_not_empty():
+    assert len(YAMLS) >= 5
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_yaml_loads_and_builds(path):
+    cfg = load_config(path)
+    model = build_model(cfg.model, load_pretrained=False)
+    assert list(model.encoder.backbones) == cfg.model.towers
+    # the resolved config round-trips through a plain dict
+    from hybrid_reid.config import Config, from_dict
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {feat_dim: 128, clip: {sie_coef: 2.0}}\nseed: 3\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\nmodel: {clip: {stride: 12}}\n")
+    cfg = load_config(tmp_path / "b.yaml", ["model.feat_dim=256", "model.img_size=[224, 224]"])
+    assert cfg.model.feat_dim == 256 and cfg.seed == 3
+    assert cfg.model.clip.sie_coef == 2.0 and cfg.model.clip.stride == 12  # merged, not replaced
+    assert cfg.model.clip.arch == "ViT-B-16-quickgelu"  # schema default kept
+    assert cfg.model.img_size == (224, 224)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbon=clip", "unknown config key 'model.backbon'; did you mean 'model.backbone'"),
+    ("model.clip.sie_cof=1", "did you mean 'model.clip.sie_coef'"),
+    ("model.backbone=hybird", "model.backbone: 'hybird' is not one of .*did you mean 'hybrid'"),
+    ("model.feat_dim=abc", "model.feat_dim: expected an integer, got str 'abc'"),
+    ("model.multi_scale.enabled=1", "model.multi_scale.enabled: expected true/false"),
+    ("model.img_size=[1, 2, 3]", "model.img_size: expected 2 values"),
+    ("model.multi_scale.window_sizes=[4, x]", r"model.multi_scale.window_sizes\[1\]: expected an integer"),
+    ("model.feat_dim=-1", "feat_dim must be positive"),
+    ("model", "must look like key.sub=value"),
+])
+def test_bad_config_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [override])
+
+
+def test_missing_config_file_and_cycles(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("_base_: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("_base_: x.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ cycle"):
+        load_config(tmp_path / "x.yaml")
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_info_json_on_full_size_hybrid_without_weight_files():
+    r = run_cli("info", "--config", "configs/hybrid.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    comps = info["components"]
+    assert {"clip.tower", "clip.sie", "clip.multi_scale", "clip.projector", "vit.tower", "vit.sie",
+            "vit.multi_scale", "vit.projector", "fusion", "head"} <= set(comps)
+    assert all(set(c) >= {"params", "trainable"} for c in comps.values())
+    assert info["total"] == sum(c["params"] for c in comps.values())
+    assert info["grid"] == {"clip": [16, 8], "vit": [21, 10]}
+    for t in ("clip", "vit"):
+        assert comps[f"{t}.multi_scale"]["params"] / comps[f"{t}.tower"]["params"] <= 0.05
+        assert 85_000_000 < comps[f"{t}.tower"]["params"] < 87_000_000
+    assert comps["clip.projector"]["params"] == 768 * 512  # CLIP's own projection, counted once
+
+
+def test_info_text_and_clear_errors():
+    r = run_cli("info", "--config", "configs/tiny.yaml", "model.backbone=vit")
+    assert r.returncode == 0, r.stderr
+    assert "vit.multi_scale" in r.stdout and "grid[vit]: 5x2" in r.stdout and "% of the vit tower" in r.stdout
+    r = run_cli("info", "--config", "configs/tiny.yaml", "model.fusoin=sum")
+    assert r.returncode == 2 and "did you mean 'model.fusion'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_backbone_tiny_writes_json_and_markdown(tmp_path):
+    r = run_cli("bench", "backbone", "--tiny", "--reps", "2", "--warmup", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "backbone.json").read_text())
+    assert set(res["ratios"]) == {"adapter_clip / open_clip", "adapter_vit / timm", "adapter_vit / adapter_vit_tower",
+                                  "timm / timm (A/A control)"}
+    assert all(v > 0 for v in res["ratios"].values())
+    assert all(v < 1e-4 for v in res["max_abs_diff"].values())
+    assert "| adapter_clip / open_clip |" in (tmp_path / "backbone.md").read_text()
