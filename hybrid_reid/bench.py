@@ -132,7 +132,7 @@ def bench_backbone(batch: int = 8, reps: int = 10, warmup: int = 2, tiny: bool =
         ratios, spread, times = {}, {}, {}
         for a, b in pairs:
             t = time_interleaved({"a": fns[a], "b": fns[b]}, reps=reps, warmup=warmup, device=dev)
-            per_round = sorted(ta / tb for ta, tb in zip(t["a"], t["b"]))
+            per_round = [ta / tb for ta, tb in zip(t["a"], t["b"])]
             key = f"{a} / {b}" + (" (A/A control)" if a == b else "")
             ratios[key] = statistics.median(per_round)
             q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-init towers saved in the real checkpoint formats."""
 import os
+import subprocess
+import sys
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
@@ -9,8 +11,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=64, layers=2, heads=2)
 CLIP_OUT = 32
+
+
+def run_python(*args, timeout=300):
+    """Run ``python ARGS`` in the repository root, offline, capturing text output."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def tiny_open_clip(image_size=(224, 224)):

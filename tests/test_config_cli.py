@@ -2,15 +2,13 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import ROOT, run_python
 
 from hybrid_reid import ConfigError, build_model, load_config
 from hybrid_reid.config import to_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")) +
                glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True))
 
@@ -65,9 +63,7 @@ def test_missing_config_file_and_cycles(tmp_path):
 
 
 def run_cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    return run_python("run.py", *args)
 
 
 def test_info_json_on_full_size_hybrid_without_weight_files():

@@ -1,12 +1,10 @@
 """The README's examples run as written, and the numbers it quotes are the ones the code produces."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+from conftest import ROOT, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
@@ -17,15 +15,13 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_python_block_runs(i):
-    r = subprocess.run([sys.executable, "-c", BLOCKS[i]], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = run_python("-c", BLOCKS[i])
     assert r.returncode == 0, f"README python block {i} failed:\n{BLOCKS[i]}\n{r.stderr[-3000:]}"
 
 
 def test_readme_info_output_is_current():
     """The `run.py info` listing quoted in the README is what the command prints today."""
     quoted = re.search(r"```\n(backbone: hybrid  fusion: concat.*?)```", README, flags=re.S).group(1)
-    r = subprocess.run([sys.executable, "run.py", "info", "--config", "configs/hybrid.yaml"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = run_python("run.py", "info", "--config", "configs/hybrid.yaml")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == quoted.strip()
