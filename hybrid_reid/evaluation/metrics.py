@@ -1,0 +1,36 @@
+"""Features -> distances -> the numbers a run reports (``metrics.json``)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .rank import evaluate_rank
+
+
+def compute_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """[Q, D], [G, D] -> [Q, G] distances between L2-normalised features.
+
+    ``euclidean``: ``||q - g||`` (in [0, 2]); ``cosine``: ``1 - q.g``. On normalised features both
+    rank the gallery identically.
+    """
+    qf, gf = F.normalize(qf.float(), dim=1), F.normalize(gf.float(), dim=1)
+    sim = qf @ gf.t()
+    if metric == "cosine":
+        return 1 - sim
+    if metric == "euclidean":
+        return (2 - 2 * sim).clamp_min_(0).sqrt_()
+    raise ValueError(f"eval.metric must be 'euclidean' or 'cosine', got {metric!r}")
+
+
+def rank_metrics(qf: torch.Tensor, gf: torch.Tensor, q_pids, g_pids, q_camids, g_camids,
+                 metric: str = "euclidean", max_rank: int = 50) -> Dict[str, object]:
+    """Percent metrics: ``{"mAP", "rank1", "rank5", "rank10", "mINP", "cmc": [max_rank]}``."""
+    r = evaluate_rank(compute_distance(qf, gf, metric), np.asarray(q_pids), np.asarray(g_pids),
+                      np.asarray(q_camids), np.asarray(g_camids), max_rank=max_rank)
+    cmc = r["cmc"]
+    at = lambda k: 100.0 * float(cmc[min(k, len(cmc)) - 1])  # noqa: E731
+    return {"mAP": 100.0 * r["mAP"], "rank1": at(1), "rank5": at(5), "rank10": at(10), "mINP": 100.0 * r["mINP"],
+            "num_valid_queries": r["num_valid_queries"], "cmc": [100.0 * float(c) for c in cmc]}

@@ -1,0 +1,100 @@
+"""evaluate_rank against a straightforward per-query reference (torchreid's eval_market1501 loop)."""
+import numpy as np
+import pytest
+import torch
+
+from hybrid_reid.evaluation import compute_distance, evaluate_rank, rank_metrics
+
+
+def reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """torchreid / fast-reid ``eval_market1501`` written out per query (argsort of the whole row)."""
+    num_q, num_g = distmat.shape
+    max_rank = min(max_rank, num_g)
+    indices = np.argsort(distmat, axis=1, kind="stable")
+    matches = (g_pids[indices] == q_pids[:, None]).astype(np.int32)
+    all_cmc, all_ap, all_inp = [], [], []
+    for q in range(num_q):
+        order = indices[q]
+        remove = (g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])
+        raw_cmc = matches[q][~remove]
+        if not raw_cmc.any():
+            continue
+        cmc = raw_cmc.cumsum()
+        hardest = np.where(raw_cmc == 1)[0].max()
+        all_inp.append(cmc[hardest] / (hardest + 1.0))
+        cmc[cmc > 1] = 1
+        padded = np.ones(max_rank)
+        padded[:min(max_rank, len(cmc))] = cmc[:max_rank]
+        all_cmc.append(padded)
+        precision = raw_cmc.cumsum() / (np.arange(len(raw_cmc)) + 1.0)
+        all_ap.append((precision * raw_cmc).sum() / raw_cmc.sum())
+    return float(np.mean(all_ap)), float(np.mean(all_inp)), np.mean(all_cmc, 0), len(all_ap)
+
+
+def random_case(seed, nq, ng, ids, cams):
+    rng = np.random.default_rng(seed)
+    dist = rng.random((nq, ng)).astype(np.float32)  # continuous: no ties
+    pids = rng.integers(0, ids, nq), rng.integers(0, ids, ng)
+    return dist, *pids, rng.integers(0, cams, nq), rng.integers(0, cams, ng)
+
+
+@pytest.mark.parametrize("seed,nq,ng,ids,cams,max_rank", [
+    (0, 40, 300, 20, 4, 50), (1, 7, 20, 5, 2, 50), (2, 120, 900, 60, 6, 20), (3, 64, 64, 8, 3, 10),
+    (4, 25, 400, 200, 2, 50),  # many queries without any match in the gallery
+])
+def test_evaluate_rank_matches_reference(seed, nq, ng, ids, cams, max_rank):
+    dist, qp, gp, qc, gc = random_case(seed, nq, ng, ids, cams)
+    ap, inp, cmc, n_valid = reference_rank(dist, qp, gp, qc, gc, max_rank)
+    r = evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, chunk_size=13)
+    assert r["num_valid_queries"] == n_valid
+    if seed == 4:
+        assert n_valid < nq  # the skipped queries really occur in this case
+    assert r["mAP"] == pytest.approx(ap, abs=1e-12)
+    assert r["mINP"] == pytest.approx(inp, abs=1e-12)
+    np.testing.assert_allclose(r["cmc"], cmc, atol=1e-12)
+    assert r["cmc"].shape == (min(max_rank, ng),) and r["cmc"][-1] <= 1.0
+
+
+def test_query_is_gallery_removes_itself_and_same_camera():
+    # RGBNT201 evaluates test against itself: the query and its same-camera images must not count
+    feats = torch.tensor([[1.0, 0], [0.99, 0.1], [0, 1.0], [0.1, 0.99]])
+    pids, cams = np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])
+    d = compute_distance(feats, feats).numpy()
+    r = evaluate_rank(d, pids, pids, cams, cams)
+    # pid 0 has both images in camera 0: no valid match, skipped; pid 1's two queries match each other at rank 1
+    assert r["num_valid_queries"] == 2 and r["mAP"] == 1.0 and r["cmc"][0] == 1.0
+
+
+def test_ties_count_against_the_match():
+    # a collapsed model (all features equal) must not score well
+    d = np.zeros((4, 8), np.float32)
+    qp, gp = np.array([0, 1, 2, 3]), np.repeat(np.arange(4), 2)
+    r = evaluate_rank(d, qp, gp, np.zeros(4), np.ones(8))
+    assert r["cmc"][0] == 0.0 and r["mAP"] < 0.3
+
+
+def test_evaluate_rank_accepts_tensors_and_checks_shapes():
+    dist, qp, gp, qc, gc = random_case(5, 10, 30, 5, 3)
+    a = evaluate_rank(torch.from_numpy(dist), torch.from_numpy(qp), gp, torch.from_numpy(qc), gc)
+    b = evaluate_rank(dist, qp, gp, qc, gc)
+    assert a["mAP"] == b["mAP"]
+    with pytest.raises(ValueError, match="num_query, num_gallery"):
+        evaluate_rank(dist.T, qp, gp, qc, gc)
+    with pytest.raises(ValueError, match="no query has a true match"):
+        evaluate_rank(dist, qp, gp + 100, qc, gc)
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_rank(np.full_like(dist, np.nan), qp, gp, qc, gc)
+
+
+def test_euclidean_and_cosine_rank_alike_and_metrics_are_percent():
+    g = torch.Generator().manual_seed(0)
+    qf, gf = torch.randn(30, 16, generator=g), torch.randn(90, 16, generator=g)
+    qp, gp = np.arange(30) % 10, np.arange(90) % 10
+    qc, gc = np.zeros(30), np.ones(90)
+    e = rank_metrics(qf, gf, qp, gp, qc, gc, metric="euclidean")
+    c = rank_metrics(qf, gf, qp, gp, qc, gc, metric="cosine")
+    assert e["mAP"] == pytest.approx(c["mAP"]) and e["rank1"] == c["rank1"]
+    ref = evaluate_rank(compute_distance(qf, gf).numpy(), qp, gp, qc, gc)
+    assert e["mAP"] == pytest.approx(100 * ref["mAP"]) and e["rank5"] == pytest.approx(100 * ref["cmc"][4])
+    with pytest.raises(ValueError, match="eval.metric"):
+        compute_distance(qf, gf, "manhattan")
