@@ -1,0 +1,155 @@
+"""Torch data sets, the PK identity sampler and the loaders the engine uses.
+
+A batch is a dict: ``{"images": {modality: [B, 3, H, W]}, "pids": [B], "cam_ids": [B],
+"view_ids": [B], "indices": [B]}``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .datasets import DataError, Sample
+from .transforms import PairedTransform
+
+
+class MultiModalDataset(Dataset):
+    """``samples[i]`` -> ``{"images": {m: tensor}, "pids", "cam_ids", "view_ids", "indices"}``.
+
+    Args:
+        samples: the split.
+        modalities: which of each sample's paths to read.
+        transform: decoding (:meth:`PairedTransform.load`) and augmentation.
+        cache: decode and resize every image once, up front (uint8 at the network size, shared
+            with forked loader workers); then a step only augments. Costs ``3*H*W`` bytes per image.
+    """
+
+    def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
+                 cache: bool = False) -> None:
+        self.samples = list(samples)
+        self.modalities = list(modalities)
+        self.transform = transform
+        self.cache: Optional[List[Dict[str, torch.Tensor]]] = None
+        if cache:
+            self.cache = [self._load(s) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, s: Sample) -> Dict[str, torch.Tensor]:
+        images = {}
+        for m in self.modalities:
+            try:
+                with Image.open(s.paths[m]) as im:
+                    images[m] = self.transform.load(im)
+            except Exception as e:
+                raise DataError(f"unreadable image {s.paths[m]}: {type(e).__name__}: {e}") from None
+        return images
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        s = self.samples[i]
+        images = self.cache[i] if self.cache is not None else self._load(s)
+        return {"images": self.transform(images), "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid,
+                "indices": i}
+
+
+class PKSampler(Sampler[List[int]]):
+    """Batches of P identities x K images (a batch sampler), split across ranks.
+
+    Every epoch has ``max(1, len(pids) // batch_size)`` global batches. Identities are drawn from
+    a stream of shuffled permutations (each identity appears about equally often, never twice in
+    one batch); each identity's K images come from its own stream of shuffled permutations (an
+    identity with fewer than K images repeats some, as torchreid's sampler does). With R ranks,
+    rank r takes identities ``r, r+R, ...`` of every global batch: ``P/R * K`` images per rank
+    and step, the global batch unchanged. The order depends only on ``seed`` and the epoch
+    (:meth:`set_epoch`), so a resumed run sees the same batches.
+
+    Args:
+        pids: the label of every sample.
+        batch_size: P*K over all ranks.
+        num_instances: K.
+        seed: base seed.
+        num_replicas, rank: the data-parallel world (default: a single process).
+    """
+
+    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if num_instances <= 0 or batch_size % num_instances:
+            raise ValueError(f"data.batch_size={batch_size} must be a multiple of data.num_instances={num_instances}")
+        self.p, self.k = batch_size // num_instances, num_instances
+        if self.p % num_replicas:
+            raise ValueError(f"{self.p} identities per batch (data.batch_size / data.num_instances) cannot be "
+                             f"split evenly over {num_replicas} processes")
+        self.index_of: Dict[int, np.ndarray] = {}
+        for i, p in enumerate(pids):
+            self.index_of.setdefault(int(p), []).append(i)
+        self.index_of = {p: np.asarray(ix) for p, ix in self.index_of.items()}
+        self.ids = np.asarray(sorted(self.index_of))
+        if len(self.ids) < self.p:
+            raise ValueError(f"{self.p} identities per batch but the training split has only {len(self.ids)}; "
+                             "lower data.batch_size or raise data.num_instances")
+        self.batch_size, self.seed = batch_size, seed
+        self.num_batches = max(1, len(pids) // batch_size)
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def global_batches(self) -> List[List[List[int]]]:
+        """This epoch's global batches: ``[batch][identity] -> K sample indices``."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        id_stream: List[int] = []
+        cursors = {p: (rng.permutation(ix), 0) for p, ix in self.index_of.items()}
+
+        def take_images(p: int) -> List[int]:
+            perm, c = cursors[p]
+            out = []
+            while len(out) < self.k:
+                if c == len(perm):
+                    perm, c = rng.permutation(self.index_of[p]), 0
+                n = min(self.k - len(out), len(perm) - c)
+                out.extend(perm[c:c + n].tolist())
+                c += n
+            cursors[p] = (perm, c)
+            return out
+
+        batches = []
+        for _ in range(self.num_batches):
+            chosen: List[int] = []
+            while len(chosen) < self.p:
+                if not id_stream:
+                    id_stream = rng.permutation(self.ids).tolist()
+                pick = next((j for j, p in enumerate(id_stream) if p not in chosen), None)
+                if pick is None:  # the rest of the stream is already in this batch: start a new permutation
+                    id_stream = rng.permutation(self.ids).tolist() + id_stream
+                    continue
+                chosen.append(id_stream.pop(pick))
+            batches.append([take_images(p) for p in chosen])
+        return batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self.global_batches():
+            mine = batch[self.rank::self.num_replicas]
+            yield [i for ids in mine for i in ids]
+
+
+def build_train_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
+                       batch_size: int, num_instances: int, seed: int, num_workers: int,
+                       num_replicas: int = 1, rank: int = 0, cache: bool = False) -> DataLoader:
+    sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank)
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache), batch_sampler=sampler,
+                      num_workers=num_workers, persistent_workers=False, pin_memory=False)
+
+
+def build_test_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
+                      batch_size: int, num_workers: int, cache: bool = False) -> DataLoader:
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)
+

@@ -1,0 +1,193 @@
+"""An embedded synthetic multi-modal ReID data set in the RGBNT201 layout (``run.py synth``).
+
+Every identity is a combination of three independent codes, each visible in one modality only:
+
+* **RGB**: the colour of the upper body (4 hues) and the lightness of the lower body (2 levels);
+  8 codes. In NIR and TIR clothes have no colour.
+* **NIR**: a fabric texture (stripe orientation x period) on the clothes; 6 codes. Invisible in
+  RGB (dyed fabric looks flat) and in TIR.
+* **TIR**: where the body is warm (head, chest, left/right side, legs, hands); 6 codes.
+
+so a single modality confuses identities that share its code (with 30 test identities, each RGB
+code is shared by about four of them) while all three together separate them. Each identity also
+has a slightly different build (height, width). Cameras change the light level, tint, background
+and framing (scale and offset of the person box); every image adds pose jitter and sensor noise.
+The three images of one sample share the geometry and are written under the same file name, as in
+RGBNT201.
+
+Layout written (``<pid:06d>_cam<c>_<k:02d>.jpg``, cameras numbered from 1):
+
+    OUT/RGBNT201/{train_171,test}/{RGB,NI,TI}/000001_cam1_00.jpg
+    OUT/RGBNT201/synth.json       # the generator's parameters
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Tuple
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+HUES = np.array([[0.85, 0.15, 0.12], [0.15, 0.7, 0.2], [0.15, 0.3, 0.9], [0.9, 0.8, 0.1]])  # upper body
+LOWER = np.array([0.18, 0.72])  # lower-body lightness
+STRIPES = [(angle, period) for angle in (0.0, np.pi / 2, np.pi / 4) for period in (5.0, 11.0)]  # NIR codes
+HOT_SPOTS = [  # TIR codes: (u, v) centres in the canonical body frame
+    [(0.0, 0.08)], [(0.0, 0.33)], [(-0.28, 0.36)], [(0.28, 0.36)], [(-0.12, 0.78), (0.12, 0.78)],
+    [(-0.36, 0.52), (0.36, 0.52)]]
+N_RGB, N_NIR, N_TIR = len(HUES) * len(LOWER), len(STRIPES), len(HOT_SPOTS)
+MODALITY_DIRS = ("RGB", "NI", "TI")
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Parameters of the generated set (recorded in ``synth.json``)."""
+
+    ids: int = 100
+    cams: int = 4
+    images_per_cam: int = 3
+    test_fraction: float = 0.3
+    seed: int = 0
+    size: Tuple[int, int] = (128, 64)
+
+    def __post_init__(self) -> None:
+        if self.ids < 4:
+            raise ValueError(f"synthetic data needs at least 4 identities, got ids={self.ids}")
+        if not 2 <= self.cams <= 9:
+            raise ValueError(f"cams must be in 2..9 (RGBNT201 names hold one camera digit), got {self.cams}")
+        if self.images_per_cam < 1:
+            raise ValueError(f"images_per_cam must be >= 1, got {self.images_per_cam}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if min(self.size) < 16:
+            raise ValueError(f"size must be at least 16x16, got {self.size}")
+
+    @property
+    def num_test(self) -> int:
+        return max(2, min(self.ids - 2, round(self.ids * self.test_fraction)))
+
+
+def _identity_codes(spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
+    """[ids, 3] (rgb, nir, tir) codes; distinct combinations while there are enough."""
+    total = N_RGB * N_NIR * N_TIR
+    flat = rng.choice(total, size=spec.ids, replace=spec.ids > total)
+    return np.stack([flat // (N_NIR * N_TIR), (flat // N_TIR) % N_NIR, flat % N_TIR], 1)
+
+
+def _render(codes, build, cam, jitter, size, rng) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sample's RGB, NIR and TIR images, uint8 [H, W, 3] each, sharing the geometry."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    scale = h * cam["scale"] * build[0] * (1 + jitter[0])
+    cx = w * (0.5 + cam["dx"] + jitter[1])
+    top = h * (cam["dy"] + jitter[2])
+    u = (xx - cx) / (scale * 0.42 * build[1])   # canonical body frame: u across, v down (0 = head top)
+    v = (yy - top) / scale
+    head = (u / 0.45) ** 2 + ((v - 0.08) / 0.08) ** 2 <= 1
+    upper = (np.abs(u) <= 0.42) & (v > 0.16) & (v <= 0.52)
+    arms = (np.abs(u) > 0.42) & (np.abs(u) <= 0.55) & (v > 0.18) & (v <= 0.5)
+    lower = (np.abs(u) <= 0.36) & (np.abs(u) >= 0.03) & (v > 0.52) & (v <= 1.0)
+    body = head | upper | arms | lower
+    clothes = upper | lower
+    noise = lambda s: rng.normal(0, s, (h, w)).astype(np.float32)  # noqa: E731
+
+    # RGB: coloured clothes, skin, a per-camera background; light level and tint per camera
+    bg = cam["bg"][None, None, :] * (0.8 + 0.2 * np.sin(xx / 5.0 + cam["phase"]) * np.cos(yy / 7.0))[..., None]
+    rgb = bg.copy()
+    rgb[head | arms] = np.array([0.85, 0.65, 0.5])
+    rgb[upper] = HUES[codes[0] // len(LOWER)]
+    rgb[lower] = LOWER[codes[0] % len(LOWER)]
+    rgb = rgb * cam["gain"] * cam["tint"][None, None, :] + noise(0.04)[..., None]
+
+    # NIR: clothes show a stripe texture (the NIR code), no colour
+    angle, period = STRIPES[codes[1]]
+    proj = (xx - cx) * np.cos(angle) + (yy - top) * np.sin(angle)
+    stripes = 0.5 + 0.3 * np.sign(np.sin(2 * np.pi * proj / (period * h / 128)))
+    nir = 0.25 + 0.1 * cam["bg"].mean() + noise(0.03)
+    nir = np.where(body, 0.55, nir)
+    nir = np.where(clothes, stripes, nir)
+    nir = nir * cam["nir_gain"] + noise(0.04)
+
+    # TIR: ambient background, a warm body and hot spots (the TIR code)
+    heat = np.zeros((h, w), np.float32)
+    for hu, hv in HOT_SPOTS[codes[2]]:
+        heat += np.exp(-((u - hu) ** 2 / 0.03 + (v - hv) ** 2 / 0.006))
+    tir = np.where(body, 0.45 + 0.5 * np.clip(heat, 0, 1), cam["ambient"]) + noise(0.04)
+
+    def to_u8(img: np.ndarray) -> np.ndarray:
+        img = np.clip(img, 0, 1) * 255
+        return (img if img.ndim == 3 else np.repeat(img[..., None], 3, 2)).astype(np.uint8)
+
+    return to_u8(rgb), to_u8(nir), to_u8(tir)
+
+
+def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -> str:
+    """Write the synthetic set to ``out/RGBNT201`` (atomically: a temp folder, then a rename).
+
+    Args:
+        out: the folder that will contain ``RGBNT201/`` (what ``data.root`` points to).
+        spec: the generator's parameters.
+        overwrite: replace an existing ``out/RGBNT201``.
+
+    Returns:
+        The path of the written ``RGBNT201`` folder.
+    """
+    target = os.path.join(out, "RGBNT201")
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --force (overwrite=True) to replace it")
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    codes = _identity_codes(spec, rng)
+    builds = np.stack([rng.uniform(0.92, 1.06, spec.ids), rng.uniform(0.85, 1.15, spec.ids)], 1)
+    cams = [dict(gain=rng.uniform(0.55, 1.25), tint=rng.uniform(0.78, 1.22, 3), bg=rng.uniform(0.15, 0.75, 3),
+                 phase=rng.uniform(0, 6.3), nir_gain=rng.uniform(0.7, 1.2), ambient=rng.uniform(0.05, 0.35),
+                 scale=rng.uniform(0.78, 0.95), dx=rng.uniform(-0.08, 0.08), dy=rng.uniform(0.01, 0.08))
+            for _ in range(spec.cams)]
+    test_ids = set(rng.choice(spec.ids, size=spec.num_test, replace=False).tolist())
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-RGBNT201-")
+    try:
+        for split in ("train_171", "test"):
+            for d in MODALITY_DIRS:
+                os.makedirs(os.path.join(tmp, split, d))
+        for pid in range(spec.ids):
+            split = "test" if pid in test_ids else "train_171"
+            for c in range(spec.cams):
+                for k in range(spec.images_per_cam):
+                    jitter = rng.uniform([-0.05, -0.05, -0.03], [0.05, 0.05, 0.03])
+                    images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng)
+                    name = f"{pid + 1:06d}_cam{c + 1}_{k:02d}.jpg"
+                    for d, img in zip(MODALITY_DIRS, images):
+                        Image.fromarray(img).save(os.path.join(tmp, split, d, name), quality=92)
+        meta = dict(asdict(spec), size=list(spec.size), codes=codes.tolist(), test_ids=sorted(test_ids))
+        with open(os.path.join(tmp, "synth.json"), "w") as f:
+            json.dump(meta, f)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote synthetic RGBNT201 (%d identities, %d cameras) to %s", spec.ids, spec.cams, target)
+    return target
+
+
+def ensure_generated(root: str, spec: SynthSpec) -> str:
+    """Generate the set into ``root`` unless an identical one (same ``synth.json``) is already there."""
+    meta_path = os.path.join(root, "RGBNT201", "synth.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        want = dict(asdict(spec), size=list(spec.size))
+        if all(meta.get(k) == v for k, v in want.items()):
+            return os.path.join(root, "RGBNT201")
+        return generate(root, spec, overwrite=True)
+    if os.path.exists(os.path.join(root, "RGBNT201")):
+        raise FileExistsError(f"{root}/RGBNT201 exists but is not a synthetic set (no synth.json); "
+                              "point data.root elsewhere or use data.name=rgbnt201")
+    return generate(root, spec)

@@ -1,0 +1,181 @@
+"""Synthetic data, the RGBNT201 reader and its errors, the PK sampler, paired transforms."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_reid.data import (
+    DataError,
+    MultiModalDataset,
+    PairedTransform,
+    PKSampler,
+    SynthSpec,
+    canonical_modality,
+    generate,
+)
+from hybrid_reid.data.datasets import RGBNT201, Synthetic
+
+SPEC = SynthSpec(ids=12, cams=3, images_per_cam=2, seed=3, size=(64, 32))
+MODS = ["rgb", "nir", "tir"]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(str(root), SPEC)
+    return str(root)
+
+
+def copy_set(src_root, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(os.path.join(src_root, "RGBNT201"), dst / "RGBNT201")
+    return dst
+
+
+def test_synthetic_layout_and_labels(synth_root):
+    data = RGBNT201.load(synth_root, MODS)
+    assert data.num_cams == 3 and data.modalities == MODS
+    assert len(data.train) + len(data.query) == 12 * 3 * 2
+    assert data.query is data.gallery  # RGBNT201: query = gallery = test
+    assert sorted({s.pid for s in data.train}) == list(range(data.num_train_pids))  # relabelled
+    test_pids = {s.pid for s in data.query}
+    assert len(test_pids) == SPEC.num_test and min(test_pids) >= 1  # original (1-based) pids
+    s = data.query[0]
+    name = os.path.basename(s.paths["rgb"])
+    assert s.paths["nir"].endswith(os.path.join("NI", name)) and s.paths["tir"].endswith(os.path.join("TI", name))
+    assert RGBNT201.parse_name(name) == (s.pid, s.camid)
+    assert RGBNT201.parse_name("000123_cam4_0_00.jpg") == (123, 3)
+
+
+def test_synthetic_is_deterministic_and_modalities_differ(synth_root, tmp_path):
+    generate(str(tmp_path), SPEC)
+    name = sorted(os.listdir(os.path.join(synth_root, "RGBNT201", "test", "RGB")))[0]
+    for d in ("RGB", "NI", "TI"):
+        a = open(os.path.join(synth_root, "RGBNT201", "test", d, name), "rb").read()
+        b = open(os.path.join(tmp_path, "RGBNT201", "test", d, name), "rb").read()
+        assert a == b
+    from PIL import Image
+    imgs = [np.asarray(Image.open(os.path.join(synth_root, "RGBNT201", "test", d, name)), np.float32)
+            for d in ("RGB", "NI", "TI")]
+    assert all(np.abs(x - y).mean() > 10 for x, y in [(imgs[0], imgs[1]), (imgs[1], imgs[2])])
+    with pytest.raises(FileExistsError, match="--force"):
+        generate(str(tmp_path), SPEC)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # nothing half-written left
+
+
+def test_synthetic_cache_is_reused_and_regenerated_on_new_parameters(tmp_path):
+    class Cfg:
+        root, modalities = str(tmp_path), ["rgb", "ni"]  # aliases accepted
+
+        class synth:
+            ids, cams, images_per_cam, test_fraction, seed, size = 8, 2, 2, 0.3, 0, (32, 16)
+
+    data = Synthetic.from_config(Cfg)
+    assert data.modalities == ["rgb", "nir"] and len(data.train) + len(data.query) == 32
+    stamp = os.path.getmtime(os.path.join(tmp_path, "RGBNT201", "synth.json"))
+    Synthetic.from_config(Cfg)
+    assert os.path.getmtime(os.path.join(tmp_path, "RGBNT201", "synth.json")) == stamp
+    Cfg.synth.ids = 10
+    regenerated = Synthetic.from_config(Cfg)
+    assert len({s.pid for s in regenerated.train}) + len({s.pid for s in regenerated.query}) == 10
+    with open(os.path.join(tmp_path, "RGBNT201", "synth.json")) as f:
+        assert '"ids": 10' in f.read()
+
+
+def test_missing_root_and_unknown_modality(tmp_path, synth_root):
+    with pytest.raises(DataError, match="has no RGBNT201/ folder"):
+        RGBNT201.load(str(tmp_path), MODS)
+    with pytest.raises(DataError, match="has no modality 'sketch'"):
+        RGBNT201.load(synth_root, ["rgb", "sketch"])
+    with pytest.raises(ValueError, match="unknown modality 'depth'"):
+        canonical_modality("depth")
+
+
+def test_missing_modality_folder(synth_root, tmp_path):
+    root = copy_set(synth_root, tmp_path)
+    shutil.rmtree(root / "RGBNT201" / "test" / "TI")
+    with pytest.raises(DataError, match=r"test/TI is missing \(needed for modality 'tir'\)"):
+        RGBNT201.load(str(root), MODS)
+    RGBNT201.load(str(root), ["rgb", "nir"])  # fine without the thermal modality
+
+
+def test_unpaired_file_is_named(synth_root, tmp_path):
+    root = copy_set(synth_root, tmp_path)
+    ni = root / "RGBNT201" / "train_171" / "NI"
+    victim = sorted(os.listdir(ni))[5]
+    os.remove(ni / victim)
+    with pytest.raises(DataError) as e:
+        RGBNT201.load(str(root), MODS)
+    msg = str(e.value)
+    assert f"NI/{victim} is missing" in msg and f"RGB/{victim} has no partner" in msg
+
+
+def test_empty_split(synth_root, tmp_path):
+    root = copy_set(synth_root, tmp_path)
+    for d in ("RGB", "NI", "TI"):
+        for f in os.listdir(root / "RGBNT201" / "test" / d):
+            os.remove(root / "RGBNT201" / "test" / d / f)
+    with pytest.raises(DataError, match="'test' split is empty"):
+        RGBNT201.load(str(root), MODS)
+
+
+def test_unreadable_image(synth_root, tmp_path):
+    root = copy_set(synth_root, tmp_path)
+    tir = root / "RGBNT201" / "test" / "TI"
+    victim = sorted(os.listdir(tir))[2]
+    (tir / victim).write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=f"unreadable image .*TI/{victim}"):
+        RGBNT201.load(str(root), MODS)
+
+
+def test_pk_sampler_batches_and_rank_split():
+    pids = np.repeat(np.arange(10), [2, 3, 4, 5, 6, 2, 3, 4, 5, 6])  # 40 samples
+    one = PKSampler(pids, batch_size=8, num_instances=2, seed=1)
+    batches = list(one)
+    assert len(batches) == len(one) == 5
+    for b in batches:
+        assert len(b) == 8
+        ids = pids[b]
+        assert len(set(ids)) == 4 and all((ids == p).sum() == 2 for p in set(ids))
+    seen = {i for b in batches for i in b}
+    assert len(seen) >= 30  # images of an identity are drawn without replacement before repeating
+    assert batches == list(PKSampler(pids, 8, 2, seed=1))  # deterministic
+    one.set_epoch(1)
+    assert list(one) != batches
+    one.set_epoch(0)
+    ranks = [list(PKSampler(pids, 8, 2, seed=1, num_replicas=2, rank=r)) for r in range(2)]
+    for step, b in enumerate(batches):  # the two ranks split every global batch by identity
+        r0, r1 = ranks[0][step], ranks[1][step]
+        assert len(r0) == len(r1) == 4 and not set(pids[r0]) & set(pids[r1])
+        assert sorted(r0 + r1) == sorted(b)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
+        PKSampler(pids, 8, 2, num_replicas=3)
+    with pytest.raises(ValueError, match="only 10"):
+        PKSampler(pids, 24, 2)
+    with pytest.raises(ValueError, match="multiple of data.num_instances"):
+        PKSampler(pids, 9, 2)
+
+
+def test_paired_transform_shares_geometry_across_modalities():
+    torch.manual_seed(0)
+    tf = PairedTransform((16, 8), (0.5,) * 3, (0.5,) * 3, train=True, flip_prob=1.0, pad=2, erasing_prob=0.0)
+    img = torch.randint(0, 255, (3, 16, 8), dtype=torch.uint8)
+    for _ in range(5):
+        out = tf({"rgb": img, "nir": img.clone()})
+        assert torch.equal(out["rgb"], out["nir"])  # same flip and crop offset
+    test_tf = PairedTransform((16, 8), (0.5,) * 3, (0.5,) * 3, train=False)
+    x = test_tf({"rgb": img})["rgb"]
+    assert torch.allclose(x, (img.float() / 255 - 0.5) / 0.5)
+
+
+def test_dataset_cache_gives_the_same_tensors(synth_root):
+    data = RGBNT201.load(synth_root, MODS)
+    tf = PairedTransform((32, 16), (0.5,) * 3, (0.25,) * 3, train=False)
+    a, b = MultiModalDataset(data.query[:4], MODS, tf), MultiModalDataset(data.query[:4], MODS, tf, cache=True)
+    for i in range(4):
+        x, y = a[i], b[i]
+        assert set(x["images"]) == set(MODS) and x["images"]["rgb"].shape == (3, 32, 16)
+        assert all(torch.equal(x["images"][m], y["images"][m]) for m in MODS)
+        assert (x["pids"], x["cam_ids"], x["indices"]) == (y["pids"], y["cam_ids"], i)
