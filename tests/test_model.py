@@ -1,18 +1,19 @@
-"""Multi-scale on every tower and grid, the shared space, and every registered tower fusion."""
+"""Multi-scale on every tower and grid, the shared space, every tower fusion, modalities and their fusion."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hybrid_reid import build_model, load_config
-from hybrid_reid.models import FUSIONS, MultiScaleExtractor, ReIDEncoder, create_backbone
+from hybrid_reid.engine import build_optimizer
+from hybrid_reid.models import FUSIONS, MODALITY_FUSIONS, MultiScaleExtractor, ReIDEncoder, create_backbone
 from hybrid_reid.models.multi_scale import window_shapes
 
 TINY_CFG = "configs/tiny.yaml"
 
 
-def tiny_model(*overrides, num_classes=5):
+def tiny_model(*overrides, num_classes=5, modalities=("rgb",)):
     cfg = load_config(TINY_CFG, [f"model.num_classes={num_classes}", *overrides])
-    return build_model(cfg.model), cfg
+    return build_model(cfg.model, modalities=modalities), cfg
 
 
 def test_windows_clamp_to_the_grid():
@@ -87,7 +88,7 @@ def test_every_fusion_trains_one_step_and_changes_the_output(fusion):
     loss = F.cross_entropy(out.logits, pids)
     assert torch.isfinite(loss)
     loss.backward()
-    if fusion != "sum":  # sum has no parameters
+    if fusion not in ("sum", "mean"):  # no parameters
         grads = [p.grad for p in model.encoder.fusion.parameters() if p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads)
     opt.step()
@@ -106,6 +107,7 @@ def test_fusions_take_any_number_of_towers_and_start_as_the_mean():
         fusion = FUSIONS.get(name)(towers=list("abc"), dim=16, **({"heads": 4} if name == "cross_attn" else {}))
         assert torch.allclose(fusion(feats, tokens), mean, atol=1e-6), name
     assert torch.allclose(FUSIONS.get("sum")(list("abc"), 16)(feats), mean * 3, atol=1e-6)
+    assert torch.allclose(FUSIONS.get("mean")(list("abc"), 16)(feats), mean, atol=1e-6)
 
 
 def test_hybrid_feeds_each_tower_its_own_normalisation():
@@ -141,3 +143,60 @@ def test_bad_fusion_names_the_key():
         tiny_model("model.backbone=hybrid", "model.fusion=gate")
     with pytest.raises(ValueError, match="model.fusion_kwargs for 'concat'"):
         tiny_model("model.backbone=hybrid", "model.fusion_kwargs={heads: 2}")
+
+
+MODS = ("rgb", "nir", "tir")
+
+
+@pytest.mark.parametrize("mfusion,width", [("concat", 3 * 64), ("mean", 64)])
+def test_modalities_share_the_encoder_and_are_fused(mfusion, width):
+    torch.manual_seed(0)
+    model, _ = tiny_model("model.backbone=hybrid", f"model.modality_fusion={mfusion}", modalities=MODS)
+    model.eval()
+    images = {m: torch.randn(4, 3, 64, 32) for m in MODS}
+    cams = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        out = model(images, cams)
+        assert out.feat.shape == out.bn_feat.shape == (4, width) and out.logits.shape == (4, 5)
+        assert set(out.modality_feats) == set(out.encoder) == set(MODS)
+        for m in MODS:  # the batched pass equals running the encoder on each modality alone
+            alone = model.encoder(images[m], cams)
+            assert torch.allclose(out.modality_feats[m], alone.feat, atol=1e-5)
+            assert torch.allclose(out.encoder[m].towers["vit"].patches, alone.towers["vit"].patches, atol=1e-5)
+        expected = model.modality_fusion({m: model.encoder(images[m], cams).feat for m in MODS})
+        assert torch.allclose(out.feat, expected, atol=1e-5)
+        partial = model({"rgb": images["rgb"], "tir": images["tir"]}, cams)  # a modality missing
+        assert partial.feat.shape == (4, width)
+        if mfusion == "concat":  # the missing modality's slot is zero
+            assert torch.equal(partial.feat[:, 64:128], torch.zeros(4, 64))
+    with pytest.raises(ValueError, match="pass images as a dict"):
+        model(images["rgb"], cams)
+    with pytest.raises(ValueError, match=r"modalities \['sketch'\] given"):
+        model({"sketch": images["rgb"]}, cams)
+
+
+def test_modality_fusion_registry_and_errors():
+    assert {"concat", "mean"} <= set(MODALITY_FUSIONS.names())
+    with pytest.raises(ValueError, match="model.modality_fusion: unknown modality fusion 'cat'"):
+        tiny_model("model.modality_fusion=cat", modalities=MODS)
+
+
+def test_param_groups_cover_every_trainable_parameter_once():
+    model, cfg = tiny_model("model.backbone=hybrid", "model.num_cams=3", modalities=MODS)
+    groups = model.param_groups()
+    names = [n for ps in groups.values() for n, _ in ps]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable) and len(set(names)) == len(names)
+    assert all(".tower." in n for n, _ in groups["backbone"]) and groups["backbone"]
+    assert {n.split(".")[0] for n, _ in groups["head"]} == {"head"}
+    assert any(".sie." in n for n, _ in groups["other"]) and any("multi_scale" in n for n, _ in groups["other"])
+    opt = build_optimizer(model, load_config(TINY_CFG, ["optim.group_lr={backbone: 1e-5}", "optim.lr=3e-4"]).optim)
+    lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert lrs["backbone"] == (1e-5, cfg.optim.weight_decay) and lrs["backbone.no_decay"] == (1e-5, 0.0)
+    assert lrs["head.no_decay"][0] == 3e-4 and "head" in lrs  # BNNeck weight (1-d) has no decay, classifier has
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for n, p in model.named_parameters():
+        if n.endswith(("pos_embed", "cls_token", ".bias")) and p.requires_grad:
+            assert id(p) in no_decay, n
+    with pytest.raises(ValueError, match="optim.group_lr: unknown group 'towers'"):
+        build_optimizer(model, load_config(TINY_CFG, ["optim.group_lr={towers: 1e-5}"]).optim)

@@ -1,8 +1,20 @@
 """Typed configuration (dataclasses from YAML, ``_base_`` inheritance, dotted overrides)."""
 from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
-from .schema import Config, ModelConfig, MultiScaleConfig, TowerConfig, load_config
+from .schema import (
+                     Config,
+                     DataConfig,
+                     EvalConfig,
+                     ModelConfig,
+                     MultiScaleConfig,
+                     OptimConfig,
+                     SynthConfig,
+                     TowerConfig,
+                     TrainConfig,
+                     load_config,
+)
 
 __all__ = [
-    "Config", "ConfigError", "ModelConfig", "MultiScaleConfig", "TowerConfig",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "MultiScaleConfig", "OptimConfig",
+    "SynthConfig", "TowerConfig", "TrainConfig",
     "deep_merge", "from_dict", "load_config", "load_yaml", "parse_overrides", "to_dict",
 ]

@@ -58,16 +58,21 @@ class ModelConfig:
         backbone: ``clip``, ``vit`` or ``hybrid`` (both towers on the same image, fused).
         fusion: registered tower fusion used by ``hybrid`` (``concat``, ``sum``, ``gated``, ``cross_attn``).
         fusion_kwargs: extra constructor arguments of the fusion (e.g. ``heads`` for cross_attn).
+        modality_fusion: how the per-modality features are combined (``concat``: [B, M*F] as
+            TOP-ReID / MambaPro; ``mean``: [B, F]).
         feat_dim: the shared feature space F every tower is projected into.
         reuse_clip_proj: use CLIP's own 512-d projection as its projector when ``feat_dim`` matches.
         img_size: network input (height, width).
-        num_cams, num_views: rows of the camera/view embedding (0 = off).
-        num_classes: identities of the ID classifier (0 = no classifier).
+        num_cams, num_views: rows of the camera/view embedding (0 = off). ``run.py train``/``eval``
+            replace a positive value by the data set's count.
+        num_classes: identities of the ID classifier (0 = no classifier); ``train``/``eval`` set it
+            from the training split.
     """
 
     backbone: Literal["clip", "vit", "hybrid"] = "clip"
     fusion: str = "concat"
     fusion_kwargs: Dict[str, Any] = field(default_factory=dict)
+    modality_fusion: str = "concat"
     feat_dim: int = 512
     reuse_clip_proj: bool = True
     img_size: Tuple[int, int] = (256, 128)
@@ -93,10 +98,143 @@ class ModelConfig:
 
 
 @dataclass
+class SynthConfig:
+    """Parameters of the embedded synthetic data set (``data.name: synthetic``; ``run.py synth``)."""
+
+    ids: int = 100
+    cams: int = 4
+    images_per_cam: int = 3
+    test_fraction: float = 0.3
+    seed: int = 0
+    size: Tuple[int, int] = (128, 64)
+
+
+@dataclass
+class DataConfig:
+    """Data set, modalities, batching and augmentation.
+
+    Attributes:
+        name: registered data set (``rgbnt201``, ``synthetic``).
+        root: the folder that contains the data set's folder (``RGBNT201/``); for ``synthetic``,
+            null = a cache folder (``$HYBRID_REID_CACHE``, default ``~/.cache/hybrid_reid``).
+        modalities: input modalities, in fusion order (aliases such as ``ni``, ``ti`` accepted).
+        batch_size: P*K images per optimizer micro-step over all processes.
+        num_instances: K images per identity (P = batch_size / K identities per batch).
+        test_batch_size: images per process and step at evaluation.
+        num_workers: loader worker processes per training process.
+        cache_images: decode and resize every image once before training (uint8 in RAM, about
+            3*H*W bytes per image and modality); each step then only augments.
+        flip_prob, pad, erasing_prob: augmentation (flip, pad + random crop, random erasing).
+        synth: generator parameters for ``synthetic``.
+    """
+
+    name: str = "rgbnt201"
+    root: Optional[str] = None
+    modalities: List[str] = field(default_factory=lambda: ["rgb", "nir", "tir"])
+    batch_size: int = 64
+    num_instances: int = 8
+    test_batch_size: int = 128
+    num_workers: int = 4
+    cache_images: bool = False
+    flip_prob: float = 0.5
+    pad: int = 10
+    erasing_prob: float = 0.5
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("data.modalities is empty; list at least one (e.g. [rgb, nir, tir])")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"data.modalities has duplicates: {self.modalities}")
+        if self.batch_size <= 0 or self.num_instances <= 0 or self.batch_size % self.num_instances:
+            raise ValueError(f"data.batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"data.num_instances ({self.num_instances})")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a learning rate per parameter group.
+
+    Attributes:
+        lr: learning rate of every group not listed in ``group_lr``.
+        group_lr: ``{group: lr}``; groups are ``backbone`` (tower weights), ``head`` (BNNeck and
+            classifier) and ``other`` (camera embeddings, multi-scale, projectors, fusions).
+        weight_decay: decoupled weight decay; never applied to biases, norms, position/class
+            embeddings and other 1-d parameters.
+        betas: AdamW betas.
+    """
+
+    lr: float = 3.5e-4
+    group_lr: Dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        epochs: training epochs (0 = evaluate the initial model only).
+        warmup_epochs: linear warm-up from ``warmup_factor`` x lr, then cosine decay to
+            ``min_lr_ratio`` x lr; stepped every optimizer step.
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (Accelerate).
+        grad_accum: micro-batches per optimizer step.
+        clip_grad_norm: max gradient norm (0 = off).
+        eval_every: evaluate every N epochs (0 = only after the last one).
+        log_every: log every N optimizer steps.
+        keep_checkpoints: how many epoch checkpoints to keep in ``OUTPUT_DIR/checkpoints``.
+    """
+
+    epochs: int = 60
+    warmup_epochs: float = 5.0
+    warmup_factor: float = 0.01
+    min_lr_ratio: float = 0.01
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = 1
+    clip_grad_norm: float = 5.0
+    eval_every: int = 0
+    log_every: int = 10
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.grad_accum < 1 or self.keep_checkpoints < 1:
+            raise ValueError("train.epochs must be >= 0, train.grad_accum and train.keep_checkpoints >= 1")
+
+
+def _default_losses() -> Dict[str, Dict[str, Any]]:
+    return {"id": {"weight": 1.0, "label_smoothing": 0.1}, "triplet": {"weight": 1.0, "margin": None}}
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation.
+
+    Attributes:
+        metric: ``euclidean`` or ``cosine``, on L2-normalised features.
+        feat: ``bn`` (after the BNNeck, the peers' test feature) or ``pre`` (before it).
+        max_rank: length of the CMC curve.
+    """
+
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    feat: Literal["bn", "pre"] = "bn"
+    max_rank: int = 50
+
+
+@dataclass
 class Config:
-    """The whole run."""
+    """The whole run.
+
+    ``loss`` maps a registered loss name to its arguments (``weight`` and the loss's own, e.g.
+    ``label_smoothing``, ``margin``); a loss with weight 0 is skipped.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: Dict[str, Dict[str, Any]] = field(default_factory=_default_losses)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     output_dir: str = "outputs/run"
 
@@ -110,4 +248,6 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None,
     """
     data = load_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
+    # losses are a dict keyed by name: merge into the defaults so ``loss.triplet.weight=0.5`` keeps ``id``
+    data["loss"] = deep_merge(_default_losses(), data.get("loss") or {})
     return from_dict(Config, data)

@@ -1,12 +1,13 @@
 """Models: the backbone adapter, multi-scale extractor, tower fusions and the ReID model."""
 from .backbone import TOWERS, Backbone, BackboneOutput, CameraViewEmbedding, StridedPatchEmbed, create_backbone
-from .checkpoint import CheckpointError, read_state_dict
-from .fusion import FUSIONS, TowerFusion
+from .checkpoint import CheckpointError, load_model_weights, read_state_dict
+from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
 
 __all__ = [
-    "TOWERS", "FUSIONS", "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
+    "TOWERS", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "load_model_weights",
+    "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
     "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "parameter_summary",
     "read_state_dict",

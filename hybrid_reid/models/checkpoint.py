@@ -21,7 +21,7 @@ import math
 import os
 import pickle
 import zipfile
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"pretrained checkpoint not found: {path} (weights are never downloaded; "
+        raise CheckpointError(f"checkpoint not found: {path} (weights are never downloaded; "
                               "give a local file path or set pretrained to null)")
     with open(path, "rb") as f:
         head = f.read(16)
@@ -141,6 +141,47 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], num_prefix:
                                   num_prefix_tokens=num_prefix)
 
 
+def state_dict_problems(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor]) -> List[str]:
+    """What keeps ``sd`` from loading strictly into a module whose state dict is ``own`` (first few keys)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if mismatched:
+        problems.append(f"shape mismatch {mismatched[:3]}")
+    return problems
+
+
+def load_model_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Load a whole-model checkpoint (``model.safetensors`` written by ``run.py train``, a folder that
+    holds one, such as ``OUTPUT_DIR/checkpoints/epoch_010``, or any format of :func:`read_state_dict`)
+    strictly into ``model``.
+
+    Raises:
+        CheckpointError: the file is missing or does not fit; the message names it and the keys.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+        found = next((c for c in candidates if os.path.exists(c)), None)
+        if found is None:
+            raise CheckpointError(f"{path} is a folder without model.safetensors; pass a checkpoint folder "
+                                  "(OUTPUT_DIR/checkpoints/epoch_NNN) or OUTPUT_DIR/model.safetensors")
+        path = found
+    sd = read_state_dict(path)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    problems = state_dict_problems(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model ({'; '.join(problems)}); check that the config "
+                              "(model.*, data.modalities) is the one the checkpoint was trained with")
+    model.load_state_dict(sd, strict=True)
+
+
 def load_tower_weights(tower: nn.Module, path: Union[str, os.PathLike],
                        proj: Optional[nn.Linear] = None) -> str:
     """Load a pretrained file into a timm ViT tower (and CLIP's projection ``proj``), strictly.
@@ -165,18 +206,7 @@ def load_tower_weights(tower: nn.Module, path: Union[str, os.PathLike],
     if "pos_embed" in sd and getattr(tower, "pos_embed", None) is not None:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], tuple(tower.patch_embed.grid_size),
                                            getattr(tower, "num_prefix_tokens", 1), source=path)
-    own = tower.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if mismatched:
-        problems.append(f"shape mismatch {mismatched[:3]}")
+    problems = state_dict_problems(tower.state_dict(), sd)
     if proj is not None and head_w is None:
         problems.append("missing the CLIP projection (visual.proj)")
     if proj is not None and head_w is not None and head_w.shape != proj.weight.shape:

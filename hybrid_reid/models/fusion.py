@@ -52,6 +52,14 @@ class SumFusion(TowerFusion):
         return self.stack(feats).sum(dim=1)
 
 
+@FUSIONS.register("mean")
+class MeanFusion(TowerFusion):
+    """Element-wise mean (no parameters)."""
+
+    def forward(self, feats: Feats, tokens: Optional[Feats] = None) -> torch.Tensor:
+        return self.stack(feats).mean(dim=1)
+
+
 @FUSIONS.register("concat")
 class ConcatFusion(TowerFusion):
     """Concatenate, then a linear layer back to F; starts as the mean of the towers."""
@@ -121,3 +129,56 @@ class CrossAttentionFusion(TowerFusion):
             q = self.norm_q(feats[t]).unsqueeze(1)
             out.append(feats[t] + self.attn[t](q, kv, kv, need_weights=False)[0].squeeze(1))
         return torch.stack(out, dim=1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modality fusions: combine the per-modality features of one sample (after the towers are fused).
+# ``model.modality_fusion: <name>``; ``fusion(feats) -> [B, out_dim]`` with feats {modality: [B,F]}
+# holding the modalities present in the batch (a subset of ``modalities``).
+
+MODALITY_FUSIONS: Registry[type] = Registry("modality fusion")
+
+
+class ModalityFusion(nn.Module):
+    """Base class: the fixed modality order and the output width."""
+
+    def __init__(self, modalities: Sequence[str], dim: int) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("a modality fusion needs at least one modality")
+        self.modalities = list(modalities)
+        self.dim = dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim
+
+    def check(self, feats: Feats) -> None:
+        unknown = [m for m in feats if m not in self.modalities]
+        if unknown or not feats:
+            raise ValueError(f"modalities {list(feats)} given; the model was built for {self.modalities} "
+                             "(data.modalities)")
+
+
+@MODALITY_FUSIONS.register("concat")
+class ModalityConcat(ModalityFusion):
+    """Concatenate in the fixed modality order (TOP-ReID / MambaPro): ``[B, M*F]``; a modality
+    absent from the batch contributes zeros, so the width never changes."""
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim * len(self.modalities)
+
+    def forward(self, feats: Feats) -> torch.Tensor:
+        self.check(feats)
+        ref = next(iter(feats.values()))
+        return torch.cat([feats[m] if m in feats else ref.new_zeros(ref.shape) for m in self.modalities], dim=1)
+
+
+@MODALITY_FUSIONS.register("mean")
+class ModalityMean(ModalityFusion):
+    """Mean over the modalities present: ``[B, F]``."""
+
+    def forward(self, feats: Feats) -> torch.Tensor:
+        self.check(feats)
+        return torch.stack([feats[m] for m in self.modalities if m in feats], dim=1).mean(dim=1)

@@ -1,18 +1,20 @@
 """The ReID model built from already-built parts (fast-reid's meta-architecture idea).
 
-    images [B,3,H,W], cam_ids, view_ids
+    images {modality: [B,3,H,W]}, cam_ids, view_ids
+    per modality m (the same encoder, shared weights):
       -> per tower t in {clip, vit}:  Backbone_t -> cls_t [B,D_t], patches_t [B,N_t,D_t]
                                       cls_t += MultiScale_t(patches_t, grid_t)        (optional)
                                       f_t = Projector_t(cls_t)  [B,F]                 (shared space)
       -> fusion({f_t}, {Projector_t(patches_t)}) [B,F]                                 (hybrid only)
-      -> BNNeck [B,F] -> ID classifier [B,num_classes]                                 (optional)
+    -> modality fusion({f_m}) [B,F'] (concat: F' = M*F; mean: F' = F)
+    -> BNNeck [B,F'] -> ID classifier [B,num_classes]                                  (optional)
 
 Only :func:`build_model` reads config; the modules take plain ints and already-built parts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from .backbone import Backbone, BackboneOutput, create_backbone
 from .checkpoint import CheckpointError
-from .fusion import FUSIONS, TowerFusion
+from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .multi_scale import MultiScaleExtractor
 
 
@@ -44,16 +46,18 @@ class ReIDOutput:
     """Named output of :class:`ReIDModel`.
 
     Attributes:
-        feat: [B, F] feature before the BNNeck (for metric losses such as triplet).
-        bn_feat: [B, F] feature after the BNNeck (the retrieval feature at test time).
+        feat: [B, F'] modality-fused feature before the BNNeck (for metric losses such as triplet).
+        bn_feat: [B, F'] feature after the BNNeck (the retrieval feature at test time).
         logits: [B, num_classes] ID logits, or None without a classifier.
-        encoder: the encoder's output (per-tower features and tokens).
+        modality_feats: {modality: [B, F]} each modality's feature in the shared space.
+        encoder: {modality: EncoderOutput} per-tower features and tokens of each modality.
     """
 
     feat: torch.Tensor
     bn_feat: torch.Tensor
     logits: Optional[torch.Tensor]
-    encoder: EncoderOutput = field(repr=False)
+    modality_feats: Dict[str, torch.Tensor]
+    encoder: Dict[str, EncoderOutput] = field(repr=False)
 
 
 class ReIDEncoder(nn.Module):
@@ -150,26 +154,86 @@ class ReIDHead(nn.Module):
 
 
 class ReIDModel(nn.Module):
-    """Encoder + head. Returns a :class:`ReIDOutput` in train and eval mode alike."""
+    """Shared encoder per modality -> modality fusion -> head.
 
-    def __init__(self, encoder: ReIDEncoder, head: ReIDHead) -> None:
+    Returns a :class:`ReIDOutput` in train and eval mode alike.
+
+    Args:
+        encoder: the towers, projected into F and fused.
+        head: BNNeck + classifier over the modality-fused feature (width ``modality_fusion.out_dim``).
+        modality_fusion: combines the per-modality features.
+    """
+
+    def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.modality_fusion = modality_fusion
 
-    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+    @property
+    def modalities(self) -> List[str]:
+        return self.modality_fusion.modalities
+
+    def forward(self, images: Union[torch.Tensor, Dict[str, torch.Tensor]], cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
-        enc = self.encoder(images, cam_ids, view_ids)
-        bn, logits = self.head(enc.feat)
-        return ReIDOutput(feat=enc.feat, bn_feat=bn, logits=logits, encoder=enc)
+        """images: {modality: [B,3,H,W]} (any subset of ``self.modalities``), or one tensor when the
+        model has a single modality; cam_ids, view_ids: [B] or None."""
+        if isinstance(images, torch.Tensor):
+            if len(self.modalities) != 1:
+                raise ValueError(f"the model has modalities {self.modalities}; pass images as a dict keyed by them")
+            images = {self.modalities[0]: images}
+        enc = self._encode(images, cam_ids, view_ids)
+        feats = {m: e.feat for m, e in enc.items()}
+        feat = self.modality_fusion(feats)
+        bn, logits = self.head(feat)
+        return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc)
+
+    def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
+                view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
+        """Run the shared encoder on every modality. All modalities share every weight, so images of
+        one shape go through as one batch of ``M*B`` (several times faster for small models than
+        ``M`` calls; identical results) and are split again."""
+        shapes = {tuple(x.shape) for x in images.values()}
+        if len(images) == 1 or len(shapes) > 1:
+            return {m: self.encoder(x, cam_ids, view_ids) for m, x in images.items()}
+        n, b = len(images), next(iter(shapes))[0]
+        rep = lambda t: None if t is None else t.repeat(n)  # noqa: E731
+        out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids))
+
+        def part(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t[i * b:(i + 1) * b]
+
+        return {m: EncoderOutput(
+            feat=part(out.feat, i), tower_feats={t: part(f, i) for t, f in out.tower_feats.items()},
+            towers={t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid) for t, o in out.towers.items()})
+            for i, m in enumerate(images)}
+
+    def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+        """Trainable parameters by named group (each gets its own learning rate, ``optim.group_lr``).
+
+        ``backbone``: the towers' transformer weights; ``head``: BNNeck and classifier; ``other``:
+        camera embeddings, multi-scale extractors, projectors (CLIP's reused one included), fusions.
+        """
+        groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {"backbone": [], "head": [], "other": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("encoder.backbones.") and ".tower." in name:
+                groups["backbone"].append((name, p))
+            elif name.startswith("head."):
+                groups["head"].append((name, p))
+            else:
+                groups["other"].append((name, p))
+        return groups
 
 
-def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> ReIDModel:
+def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequence[str] = ("rgb",)) -> ReIDModel:
     """Build the model a :class:`ModelConfig` describes.
 
     Args:
         cfg: the ``model`` section.
         load_pretrained: False builds the architecture only (``run.py info``; no weight files needed).
+        modalities: the input modalities (``data.modalities``), in the order the fusion uses.
     """
     backbones: Dict[str, Backbone] = {}
     for t in cfg.towers:
@@ -196,7 +260,11 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True) -> ReIDModel:
         except TypeError as e:
             raise ValueError(f"model.fusion_kwargs for {cfg.fusion!r}: {e}") from None
     encoder = ReIDEncoder(backbones, cfg.feat_dim, multi_scale, fusion, cfg.reuse_clip_proj)
-    return ReIDModel(encoder, ReIDHead(cfg.feat_dim, cfg.num_classes))
+    try:
+        mfusion = MODALITY_FUSIONS.get(cfg.modality_fusion)(list(modalities), cfg.feat_dim)
+    except KeyError as e:
+        raise ValueError(f"model.modality_fusion: {e.args[0]}") from None
+    return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
