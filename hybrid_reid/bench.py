@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .registry import Registry
+from .utils import write_atomic
 
 BENCHMARKS: Registry[Callable[..., Dict]] = Registry("benchmark")
 
@@ -54,20 +55,6 @@ def environment(device: torch.device) -> Dict[str, object]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def write_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @BENCHMARKS.register("backbone")

@@ -1,6 +1,9 @@
-"""Command line of ``run.py``: ``info`` and ``bench`` (training and evaluation arrive with the engine).
+"""Command line of ``run.py`` (also through ``accelerate launch run.py ...`` and ``torchrun ... run.py ...``).
 
-    python run.py info --config configs/hybrid.yaml [--json] [model.fusion=gated ...]
+    python run.py train --config configs/quickstart.yaml [--resume [PATH]] [train.epochs=10 ...]
+    python run.py eval  --config configs/quickstart.yaml --checkpoint outputs/quickstart/model.safetensors
+    python run.py synth --out data/synthetic [--ids 100 --cams 4 --seed 0]
+    python run.py info  --config configs/hybrid.yaml [--json] [model.fusion=gated ...]
     python run.py bench backbone [--batch 8 --reps 10]
 """
 from __future__ import annotations
@@ -8,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
 from .config import ConfigError, load_config
+from .data import DataError, canonical_modality
 from .models import CheckpointError, build_model, parameter_summary
 
 
@@ -21,12 +26,15 @@ def _fmt_int(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    model = build_model(cfg.model, load_pretrained=False)
+    modalities = [canonical_modality(m) for m in cfg.data.modalities]
+    model = build_model(cfg.model, load_pretrained=False, modalities=modalities)
     summary = parameter_summary(model)
     if args.json:
         summary["backbone"] = cfg.model.backbone
         summary["fusion"] = cfg.model.fusion if len(cfg.model.towers) > 1 else None
         summary["feat_dim"] = cfg.model.feat_dim
+        summary["modalities"] = modalities
+        summary["modality_fusion"] = cfg.model.modality_fusion
         print(json.dumps(summary, indent=2))
         return 0
     comps = summary["components"]
@@ -35,6 +43,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backbone: {cfg.model.backbone}"
           + (f"  fusion: {cfg.model.fusion}" if len(cfg.model.towers) > 1 else "")
           + f"  feat_dim: {cfg.model.feat_dim}  img_size: {list(cfg.model.img_size)}")
+    print(f"modalities: {modalities}  modality_fusion: {cfg.model.modality_fusion} "
+          f"(head width {model.modality_fusion.out_dim})")
     print(f"{'component':<{width}}{'params':>14}{'trainable':>14}{'share':>9}")
     for name, c in comps.items():
         share = 100.0 * c["params"] / max(1, total)
@@ -50,6 +60,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_resume(args: argparse.Namespace) -> None:
+    """``--resume key=value`` means ``--resume`` (latest) followed by an override."""
+    if args.resume and args.resume != "latest" and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    _split_resume(args)
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    evaluate(cfg, args.checkpoint)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import SynthSpec, generate
+
+    spec = SynthSpec(ids=args.ids, cams=args.cams, images_per_cam=args.images_per_cam,
+                     test_fraction=args.test_fraction, seed=args.seed, size=(args.height, args.width))
+    path = generate(args.out, spec, overwrite=args.force)
+    print(f"wrote {path} ({spec.ids - spec.num_test} train / {spec.num_test} test identities, {spec.cams} cameras, "
+          f"{spec.images_per_cam} images per identity and camera); use it with data.name=rgbnt201 data.root={args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark, to_markdown
 
@@ -62,6 +107,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py", description="hybrid_reid: multi-modal ReID with CLIP and ViT")
     sub = p.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train and evaluate; outputs in output_dir")
+    tr.add_argument("--config", required=True, help="YAML config")
+    tr.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                    help="continue from OUTPUT_DIR/checkpoints' newest checkpoint, or from PATH")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 data.root=/datasets")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained model; writes OUTPUT_DIR/metrics.json")
+    ev.add_argument("--config", required=True, help="the YAML config the model was trained with")
+    ev.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides")
+    ev.set_defaults(func=cmd_eval)
+
+    sy = sub.add_parser("synth", help="write the synthetic multi-modal data set (RGBNT201 layout)")
+    sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/")
+    sy.add_argument("--ids", type=int, default=100, help="identities (train + test)")
+    sy.add_argument("--cams", type=int, default=4, help="cameras (2..9)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--images-per-cam", type=int, default=3, help="images per identity and camera")
+    sy.add_argument("--test-fraction", type=float, default=0.3, help="share of identities in the test split")
+    sy.add_argument("--height", type=int, default=128)
+    sy.add_argument("--width", type=int, default=64)
+    sy.add_argument("--force", action="store_true", help="replace an existing OUT/RGBNT201")
+    sy.set_defaults(func=cmd_synth)
+
     info = sub.add_parser("info", help="parameters per component and patch grids (no weights loaded)")
     info.add_argument("--config", required=True, help="YAML config")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -81,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate launch: only rank 0 logs progress
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, KeyError) as e:
+    except (ConfigError, CheckpointError, DataError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

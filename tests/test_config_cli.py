@@ -8,6 +8,9 @@ from conftest import ROOT, run_python
 
 from hybrid_reid import ConfigError, build_model, load_config
 from hybrid_reid.config import to_dict
+from hybrid_reid.data import DATASETS, canonical_modality
+from hybrid_reid.engine import build_optimizer
+from hybrid_reid.losses import build_criterion
 
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")) +
                glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True))
@@ -20,8 +23,12 @@ def test_yaml_set_is_not_empty():
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_yaml_loads_and_builds(path):
     cfg = load_config(path)
-    model = build_model(cfg.model, load_pretrained=False)
-    assert list(model.encoder.backbones) == cfg.model.towers
+    modalities = [canonical_modality(m) for m in cfg.data.modalities]
+    model = build_model(cfg.model, load_pretrained=False, modalities=modalities)
+    assert list(model.encoder.backbones) == cfg.model.towers and model.modalities == modalities
+    build_criterion(cfg.loss)  # everything train() builds from the config, short of reading the data
+    build_optimizer(model, cfg.optim)
+    assert cfg.data.name in DATASETS
     # the resolved config round-trips through a plain dict
     from hybrid_reid.config import Config, from_dict
     assert from_dict(Config, to_dict(cfg)) == cfg

@@ -1,0 +1,419 @@
+"""Training and evaluation with HF Accelerate: one visible training function.
+
+Shaped like accelerate's ``examples/complete_cv_example.py``::
+
+    Accelerator -> seed -> data -> model -> optimizer / scheduler -> prepare -> [load_state]
+      -> for epoch: for batch: accumulate / backward / clip / step -> log
+                    [evaluate with gather_for_metrics] -> save_state (atomic)
+      -> metrics.json, model.safetensors
+
+Outputs in ``cfg.output_dir``: ``config.yaml`` (resolved), ``log.jsonl`` (a record per logged
+step and per epoch), ``log.csv`` (per epoch), ``tensorboard/``, ``checkpoints/epoch_NNN/``
+(``accelerator.save_state``; the last ``train.keep_checkpoints`` kept), ``model.safetensors``
+and ``metrics.json``. Only the main process writes.
+
+Several processes (``torchrun`` or ``accelerate launch``): every rank takes ``1/R`` of the
+identities of each global P x K batch (:class:`~hybrid_reid.data.PKSampler`), so the optimizer
+sees the same global batch and the same number of steps as one process; evaluation shards the
+test set and gathers the features with ``gather_for_metrics``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
+from safetensors.torch import save_file
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from ..config import Config, OptimConfig, TrainConfig, to_dict
+from ..data import PairedTransform, ReIDData, build_test_loader, build_train_loader, load_data
+from ..evaluation import rank_metrics
+from ..losses import build_criterion
+from ..models import ReIDModel, build_model, load_model_weights
+from ..utils import atomic_path, write_atomic
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "class_embedding", "positional_embedding")
+CHECKPOINT_PREFIX = "epoch_"
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def resolve_config(cfg: Config, data: ReIDData) -> Config:
+    """Fill in what the data set decides: classes, cameras (when SIE is on) and views."""
+    m = cfg.model
+    num_cams = data.num_cams if m.num_cams > 0 else 0
+    num_views = data.num_views if m.num_views > 0 else 0
+    if m.num_cams > 0 and m.num_cams != num_cams:
+        logger.info("model.num_cams: %d -> %d (from the data set)", m.num_cams, num_cams)
+    model = dataclasses.replace(m, num_classes=data.num_train_pids, num_cams=num_cams, num_views=num_views)
+    data_cfg = dataclasses.replace(cfg.data, modalities=list(data.modalities))
+    return dataclasses.replace(cfg, model=model, data=data_cfg)
+
+
+def build_optimizer(model: ReIDModel, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the model's named parameter groups; no weight decay on 1-d parameters and embeddings."""
+    groups = model.param_groups()
+    unknown = [g for g in cfg.group_lr if g not in groups]
+    if unknown:
+        raise ValueError(f"optim.group_lr: unknown group {unknown[0]!r}; groups are {list(groups)}")
+    param_groups = []
+    for name, params in groups.items():
+        lr = cfg.group_lr.get(name, cfg.lr)
+        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES)]
+        no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES))]
+        for suffix, ps, wd in (("", decay, cfg.weight_decay), (".no_decay", no_decay, 0.0)):
+            if ps:
+                param_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float) -> float:
+    """Linear warm-up from ``warmup_factor`` to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return warmup_factor + (1 - warmup_factor) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.warmup_factor, cfg.min_lr_ratio))
+
+
+def _transform(cfg: Config, model: ReIDModel, train: bool) -> PairedTransform:
+    d = cfg.data
+    return PairedTransform(cfg.model.img_size, model.encoder.mean, model.encoder.std, train=train,
+                           flip_prob=d.flip_prob, pad=d.pad, erasing_prob=d.erasing_prob)
+
+
+def _test_loader(cfg: Config, data: ReIDData, model: ReIDModel):
+    samples = data.query if data.shared_query_gallery else data.query + data.gallery
+    return build_test_loader(samples, data.modalities, _transform(cfg, model, train=False), cfg.data.test_batch_size,
+                             cfg.data.num_workers, cfg.data.cache_images)
+
+
+class TrainProgress:
+    """Epochs and optimizer steps done; saved with every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.step = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn") -> torch.Tensor:
+    """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
+
+    Raises:
+        RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
+    """
+    model.eval()
+    feats, indices = [], []
+    for batch in loader:
+        out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
+        f = out.bn_feat if feat == "bn" else out.feat
+        g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
+        feats.append(g["feat"].cpu())
+        indices.append(g["index"].cpu())
+    feats_t, index = torch.cat(feats), torch.cat(indices)
+    n = len(loader.dataset)
+    if len(index) != n or not torch.equal(torch.sort(index).values, torch.arange(n)):
+        raise RuntimeError(f"gathered {len(index)} features ({len(torch.unique(index))} distinct) for {n} "
+                           "test samples; evaluation would count duplicates or miss samples")
+    return feats_t[torch.argsort(index)]
+
+
+def evaluate_model(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config) -> Dict[str, object]:
+    """Rank metrics (percent) of ``model`` on the query / gallery split of ``data``."""
+    feats = extract_features(accelerator, model, loader, cfg.eval.feat)
+    nq = len(data.query)
+    qf, gf = (feats, feats) if data.shared_query_gallery else (feats[:nq], feats[nq:])
+    q, g = data.query, data.gallery
+    return rank_metrics(qf, gf, [s.pid for s in q], [s.pid for s in g], [s.camid for s in q], [s.camid for s in g],
+                        metric=cfg.eval.metric, max_rank=cfg.eval.max_rank)
+
+
+# ------------------------------------------------------------------------------- outputs, logging
+
+class RunLog:
+    """``log.jsonl`` (every record) and ``log.csv`` (epoch records) in the output folder; main process only."""
+
+    CSV_FIELDS = ["epoch", "step", "lr", "loss", "mAP", "rank1", "rank5", "rank10", "mINP", "epoch_time_s"]
+
+    def __init__(self, output_dir: str, enabled: bool) -> None:
+        self.dir, self.enabled = output_dir, enabled
+
+    def start(self, done_epochs: int) -> None:
+        """Drop records of epochs after ``done_epochs`` (all of them for a fresh run): a resumed run
+        re-logs the epochs the interrupted one had not checkpointed."""
+        if not self.enabled:
+            return
+        jsonl, csv_path = os.path.join(self.dir, "log.jsonl"), os.path.join(self.dir, "log.csv")
+        if done_epochs == 0 or not os.path.exists(jsonl):
+            for p in (jsonl, csv_path):
+                if os.path.exists(p):
+                    os.remove(p)
+            return
+        with open(jsonl) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        keep = [r for r in records if r.get("epoch", 0) <= done_epochs and
+                not (r.get("kind") == "step" and r.get("epoch", 0) > done_epochs)]
+        write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in keep))
+        if os.path.exists(csv_path):
+            os.remove(csv_path)
+        for r in keep:
+            if r.get("kind") == "epoch":
+                self._write_csv(r)
+
+    def _write_csv(self, record: Dict[str, object]) -> None:
+        path = os.path.join(self.dir, "log.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(record)
+
+    def write(self, record: Dict[str, object]) -> None:
+        if not self.enabled:
+            return
+        with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record.get("kind") == "epoch":
+            self._write_csv(record)
+
+
+def write_metrics(path: str, metrics: Dict[str, object], extra: Dict[str, object]) -> Dict[str, object]:
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "cmc"}
+    out.update(extra)
+    out["cmc"] = [round(c, 4) for c in metrics.get("cmc", [])]
+    write_atomic(path, json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), os.path.join(ckpt_dir, name)))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: str, resume: str) -> str:
+    """``latest`` -> the newest complete ``OUTPUT_DIR/checkpoints/epoch_NNN``; else ``resume`` itself."""
+    if resume == "latest":
+        found = _checkpoints(os.path.join(output_dir, "checkpoints"))
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}/checkpoints to resume from "
+                                    "(start without --resume, or pass --resume PATH)")
+        return found[-1][1]
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected "
+                                f"{output_dir}/checkpoints/{CHECKPOINT_PREFIX}NNN)")
+    return resume
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, epoch: int, keep: int) -> str:
+    """``save_state`` into a temp folder, renamed to ``checkpoints/epoch_NNN`` once complete."""
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(ckpt_dir, f"{CHECKPOINT_PREFIX}{epoch:03d}")
+    tmp = os.path.join(ckpt_dir, f".tmp-{CHECKPOINT_PREFIX}{epoch:03d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in _checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _cpu_only() -> bool:
+    """No GPU: tell Accelerate, so that ``torchrun`` on a CPU machine starts a gloo process group
+    (without ``cpu=True`` Accelerate ignores the torchrun environment and every rank trains alone)."""
+    return not torch.cuda.is_available()
+
+
+def _trackers() -> Optional[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:  # accelerate would drop the tracker silently; say so
+        logger.warning("tensorboard is not installed; logging to log.jsonl / log.csv only")
+        return None
+    return "tensorboard"
+
+
+# ---------------------------------------------------------------------------------------- train
+
+def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
+    """Train ``cfg``'s model on its data set, evaluate it, write the outputs; returns ``metrics.json``.
+
+    Args:
+        cfg: the whole config.
+        resume: ``None``; ``"latest"`` (newest checkpoint in ``cfg.output_dir``); or a checkpoint folder.
+    """
+    t_start = time.time()
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                              log_with=_trackers(), project_dir=cfg.output_dir, step_scheduler_with_optimizer=False,
+                              cpu=_cpu_only())
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    with accelerator.main_process_first():  # the main process generates the synthetic set first
+        data = load_data(cfg.data)
+    cfg = resolve_config(cfg, data)
+    logger.info("data %s: %s", cfg.data.name, data.summary())
+
+    model = build_model(cfg.model, modalities=data.modalities)
+    train_loader = build_train_loader(
+        data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
+        cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
+        cfg.data.cache_images)
+    sampler = train_loader.batch_sampler
+    test_loader = _test_loader(cfg, data, model)
+    steps_per_epoch = len(train_loader) // tc.grad_accum
+    if tc.epochs and steps_per_epoch == 0:
+        raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
+    criterion = build_criterion(cfg.loss)
+    # the train loader is not prepared: PKSampler already splits each global batch over the ranks
+    model, optimizer, test_loader, scheduler = accelerator.prepare(model, optimizer, test_loader, scheduler)
+    progress = TrainProgress()
+    accelerator.register_for_checkpointing(progress)
+    if resume is not None:
+        path = find_checkpoint(cfg.output_dir, resume)
+        accelerator.load_state(path)
+        logger.info("resumed from %s (epoch %d, step %d)", path, progress.epoch, progress.step)
+
+    elif _checkpoints(os.path.join(cfg.output_dir, "checkpoints")):
+        logger.warning("%s/checkpoints holds an earlier run's checkpoints; this run replaces them epoch by epoch "
+                       "(pass --resume to continue that run instead)", cfg.output_dir)
+    run_log = RunLog(cfg.output_dir, main)
+    if main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        run_log.start(progress.epoch)
+        write_atomic(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard")
+
+    metrics: Optional[Dict[str, object]] = None
+    for epoch in range(progress.epoch, tc.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+        batches = iter(train_loader)
+        bar = tqdm(range(steps_per_epoch * tc.grad_accum), disable=not accelerator.is_local_main_process,
+                   desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
+        for _ in bar:
+            batch = send_to_device(next(batches), accelerator.device)
+            with accelerator.accumulate(model):
+                out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
+                losses = criterion(out, batch["pids"])
+                accelerator.backward(losses["total"])
+                if accelerator.sync_gradients and tc.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] += v.detach().float()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                progress.step += 1
+                if progress.step % tc.log_every == 0:
+                    rec = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+                    rec["lr"] = optimizer.param_groups[0]["lr"]
+                    accelerator.log(rec, step=progress.step)
+                    run_log.write({"kind": "step", "epoch": epoch + 1, "step": progress.step, **rec})
+                    bar.set_postfix(loss=f"{rec['loss/total']:.3f}")
+        n = steps_per_epoch * tc.grad_accum
+        epoch_losses = {k: float(accelerator.reduce(v / n, reduction="mean")) for k, v in sums.items()}
+        progress.epoch = epoch + 1
+        record = {"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
+                  "lr": optimizer.param_groups[0]["lr"], "loss": epoch_losses["total"],
+                  **{f"loss/{k}": v for k, v in epoch_losses.items()}}
+        if (tc.eval_every and progress.epoch % tc.eval_every == 0) or progress.epoch == tc.epochs:
+            metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
+            record.update({k: v for k, v in metrics.items() if k != "cmc"})
+        record["epoch_time_s"] = round(time.time() - t0, 3)
+        logger.info("epoch %d/%d: loss %.4f%s", progress.epoch, tc.epochs, record["loss"],
+                    f"  mAP {record['mAP']:.2f}  rank1 {record['rank1']:.2f}" if "mAP" in record else "")
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=progress.step)
+        run_log.write(record)
+        save_checkpoint(accelerator, cfg.output_dir, progress.epoch, tc.keep_checkpoints)
+
+    if metrics is None:  # epochs == 0, or resumed from the last checkpoint
+        metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
+    result: Dict[str, object] = {}
+    if main:
+        state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
+            save_file(state, tmp)
+        result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
+            "epoch": progress.epoch, "steps": progress.step, "dataset": cfg.data.name,
+            "modalities": data.modalities, "backbone": cfg.model.backbone,
+            "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
+            "modality_fusion": cfg.model.modality_fusion, "num_query": len(data.query),
+            "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
+            "wall_time_s": round(time.time() - t_start, 1)})
+        logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
+                    result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
+    """Evaluate a trained model (``model.safetensors`` or a checkpoint folder); writes ``metrics.json``."""
+    t_start = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_cpu_only())
+    with accelerator.main_process_first():
+        data = load_data(cfg.data)
+    cfg = resolve_config(cfg, data)
+    model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities)
+    load_model_weights(model, checkpoint)
+    test_loader = _test_loader(cfg, data, model)
+    model, test_loader = accelerator.prepare(model, test_loader)
+    metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
+    result: Dict[str, object] = {}
+    if accelerator.is_main_process:
+        result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
+            "checkpoint": os.path.abspath(checkpoint), "dataset": cfg.data.name, "modalities": data.modalities,
+            "backbone": cfg.model.backbone, "num_query": len(data.query), "num_gallery": len(data.gallery),
+            "num_processes": accelerator.num_processes, "wall_time_s": round(time.time() - t_start, 1)})
+        logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
+                    result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
+    accelerator.wait_for_everyone()
+    return result

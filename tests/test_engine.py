@@ -1,0 +1,168 @@
+"""End to end: a tiny hybrid trains on a tiny synthetic set; resume is exact; eval and torchrun agree."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_python
+from safetensors.torch import load_file
+
+from hybrid_reid import load_config
+from hybrid_reid.engine import train
+
+QUICK = os.path.join(ROOT, "configs", "quickstart.yaml")
+
+
+def tiny_overrides(root, out, epochs):
+    """The quickstart config shrunk: 24 identities, 3 cameras, 6 steps per epoch."""
+    return [f"data.root={root}", "data.synth.ids=24", "data.synth.cams=3", "data.synth.images_per_cam=2",
+            "data.synth.size=[64,32]", "data.batch_size=16", "data.num_instances=2", "data.test_batch_size=32",
+            f"train.epochs={epochs}", "train.warmup_epochs=1", "train.eval_every=0", "train.log_every=2",
+            "train.keep_checkpoints=3", "optim.lr=2e-3", f"output_dir={out}"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; every in-process run starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """Untrained (epochs=0) and trained (8 epochs) runs of the same tiny hybrid."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, epochs in (("untrained", 0), ("trained", 8)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = load_config(QUICK, tiny_overrides(data_root, out / name, epochs))
+        runs[name] = (train(cfg), out / name)
+    return runs
+
+
+def test_training_raises_map_well_above_untrained(trained):
+    untrained, _ = trained["untrained"]
+    metrics, out = trained["trained"]
+    assert metrics["mAP"] > untrained["mAP"] + 20, (untrained["mAP"], metrics["mAP"])
+    assert metrics["rank1"] >= untrained["rank1"]
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+        assert 0 <= metrics[key] <= 100
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["mAP"] == metrics["mAP"] and on_disk["epoch"] == 8 and on_disk["modalities"] == ["rgb", "nir", "tir"]
+    assert on_disk["num_query"] == on_disk["num_gallery"] == on_disk["num_valid_queries"] > 0
+
+
+def test_run_outputs(trained):
+    _, out = trained["trained"]
+    cfg = load_config(str(out / "config.yaml"))  # the resolved config loads back
+    assert cfg.model.num_classes > 0 and cfg.model.num_cams == 3 and cfg.train.epochs == 8
+    assert sorted(os.listdir(out / "checkpoints")) == ["epoch_006", "epoch_007", "epoch_008"]  # keep 3
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, 9))
+    assert any(r["kind"] == "step" and "loss/triplet" in r for r in records)
+    csv_lines = (out / "log.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,step,lr,loss") and len(csv_lines) == 9
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "tensorboard") for f in fs)
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("encoder.backbones.clip.") for k in state) and "head.classifier.weight" in state
+
+
+def test_resume_from_epoch_1_reproduces_the_uninterrupted_run(data_root, tmp_path):
+    full = tmp_path / "full"
+    cfg = load_config(QUICK, tiny_overrides(data_root, full, 3))
+    uninterrupted = train(cfg)
+
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "epoch_001", resumed_dir / "checkpoints" / "epoch_001")
+    resumed = train(load_config(QUICK, tiny_overrides(data_root, resumed_dir, 3)), resume="latest")
+    for key in ("mAP", "rank1", "rank5", "mINP", "epoch", "steps"):
+        assert resumed[key] == uninterrupted[key], key
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_cli_reproduces_the_training_metrics(trained, data_root, tmp_path):
+    metrics, out = trained["trained"]
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / "eval", 8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert ev["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3) and ev["rank1"] == metrics["rank1"]
+    # a checkpoint folder works too, and a checkpoint for another model is refused with its keys named
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "checkpoints" / "epoch_008"),
+                   *tiny_overrides(data_root, tmp_path / "eval2", 8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / "eval3", 8), "model.backbone=clip")
+    assert r.returncode == 2 and "does not fit this model" in r.stderr and "unexpected" in r.stderr
+
+
+def test_torchrun_two_processes_matches_one(trained, data_root, tmp_path):
+    metrics, _ = trained["trained"]
+    untrained, _ = trained["untrained"]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "run.py", "train",
+           "--config", QUICK, *tiny_overrides(data_root, out, 8)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    assert ddp["num_processes"] == 2 and ddp["steps"] == 8 * 6  # the same optimizer steps as one process
+    assert ddp["num_valid_queries"] == metrics["num_valid_queries"]  # every test sample once
+    assert abs(ddp["mAP"] - metrics["mAP"]) < 12, (ddp["mAP"], metrics["mAP"])
+    assert ddp["mAP"] > untrained["mAP"] + 20
+    epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == list(range(1, 9))  # written once, by rank 0
+
+
+def test_cli_bad_data_is_one_clear_error(tmp_path):
+    r = run_python("run.py", "train", "--config", os.path.join(ROOT, "configs", "rgbnt201_hybrid.yaml"),
+                   f"data.root={tmp_path}", f"output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: data.root='{tmp_path}' has no RGBNT201/ folder")
+    assert not (tmp_path / "out").exists()  # nothing written before the data is checked
+
+
+def test_synth_cli(tmp_path):
+    r = run_python("run.py", "synth", "--out", str(tmp_path), "--ids", "6", "--cams", "2", "--seed", "1",
+                   "--images-per-cam", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(tmp_path / "RGBNT201" / "test" / "NI")) + \
+        len(os.listdir(tmp_path / "RGBNT201" / "train_171" / "NI")) == 12
+    r = run_python("run.py", "synth", "--out", str(tmp_path), "--ids", "6")
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_accelerate_launch_one_process_is_identical_to_python(data_root, tmp_path):
+    threads = str(torch.get_num_threads())
+    plain = run_python("run.py", "train", "--config", QUICK, *tiny_overrides(data_root, tmp_path / "plain", 2))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", threads, "run.py",
+         "train", "--config", QUICK, *tiny_overrides(data_root, tmp_path / "launched", 2)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    a = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "launched" / "metrics.json").read_text())
+    for key in ("mAP", "rank1", "mINP", "steps"):
+        assert a[key] == b[key], key
