@@ -68,16 +68,14 @@ def test_synthetic_is_deterministic_and_modalities_differ(synth_root, tmp_path):
 def test_synthetic_cache_is_reused_and_regenerated_on_new_parameters(tmp_path):
     class Cfg:
         root, modalities = str(tmp_path), ["rgb", "ni"]  # aliases accepted
-
-        class synth:
-            ids, cams, images_per_cam, test_fraction, seed, size = 8, 2, 2, 0.3, 0, (32, 16)
+        synth = SynthSpec(ids=8, cams=2, images_per_cam=2, size=(32, 16))
 
     data = Synthetic.from_config(Cfg)
     assert data.modalities == ["rgb", "nir"] and len(data.train) + len(data.query) == 32
     stamp = os.path.getmtime(os.path.join(tmp_path, "RGBNT201", "synth.json"))
     Synthetic.from_config(Cfg)
     assert os.path.getmtime(os.path.join(tmp_path, "RGBNT201", "synth.json")) == stamp
-    Cfg.synth.ids = 10
+    Cfg.synth = SynthSpec(ids=10, cams=2, images_per_cam=2, size=(32, 16))
     regenerated = Synthetic.from_config(Cfg)
     assert len({s.pid for s in regenerated.train}) + len({s.pid for s in regenerated.query}) == 10
     with open(os.path.join(tmp_path, "RGBNT201", "synth.json")) as f:

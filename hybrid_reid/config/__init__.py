@@ -7,7 +7,6 @@ from .schema import (
                      ModelConfig,
                      MultiScaleConfig,
                      OptimConfig,
-                     SynthConfig,
                      TowerConfig,
                      TrainConfig,
                      load_config,
@@ -15,6 +14,6 @@ from .schema import (
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "MultiScaleConfig", "OptimConfig",
-    "SynthConfig", "TowerConfig", "TrainConfig",
+    "TowerConfig", "TrainConfig",
     "deep_merge", "from_dict", "load_config", "load_yaml", "parse_overrides", "to_dict",
 ]

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from ..data.synth import SynthSpec
 from .core import deep_merge, from_dict, load_yaml, parse_overrides
 
 
@@ -98,18 +99,6 @@ class ModelConfig:
 
 
 @dataclass
-class SynthConfig:
-    """Parameters of the embedded synthetic data set (``data.name: synthetic``; ``run.py synth``)."""
-
-    ids: int = 100
-    cams: int = 4
-    images_per_cam: int = 3
-    test_fraction: float = 0.3
-    seed: int = 0
-    size: Tuple[int, int] = (128, 64)
-
-
-@dataclass
 class DataConfig:
     """Data set, modalities, batching and augmentation.
 
@@ -139,7 +128,7 @@ class DataConfig:
     flip_prob: float = 0.5
     pad: int = 10
     erasing_prob: float = 0.5
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    synth: SynthSpec = field(default_factory=SynthSpec)
 
     def __post_init__(self) -> None:
         if not self.modalities:

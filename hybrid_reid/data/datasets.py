@@ -196,12 +196,7 @@ class Synthetic(RGBNT201):
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
-        from .synth import SynthSpec
-
-        s = cfg.synth
-        spec = SynthSpec(ids=s.ids, cams=s.cams, images_per_cam=s.images_per_cam, test_fraction=s.test_fraction,
-                         seed=s.seed, size=tuple(s.size))
-        return cls.load(cfg.root, cfg.modalities, spec)
+        return cls.load(cfg.root, cfg.modalities, cfg.synth)
 
     @classmethod
     def load(cls, root: Optional[str], modalities: Sequence[str], spec=None) -> ReIDData:
