@@ -57,3 +57,38 @@ def test_criterion_errors_name_the_key():
         build_criterion({"triplet": {"weight": 1.0, "margn": 0.3}})
     with pytest.raises(ValueError, match="every loss has weight 0"):
         build_criterion({"id": {"weight": 0}})
+
+
+GATHER_SCRIPT = '''
+import torch, torch.distributed as dist
+from types import SimpleNamespace
+from hybrid_reid.losses import LOSSES
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+full, pids = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+ref_feat = full.clone().requires_grad_()
+ref = LOSSES.get("triplet")()(SimpleNamespace(feat=ref_feat), pids)
+ref.backward()
+local = full[r * 4:(r + 1) * 4].clone().requires_grad_()
+loss = LOSSES.get("triplet")()(SimpleNamespace(feat=local), pids[r * 4:(r + 1) * 4])
+loss.backward()
+assert torch.allclose(loss, ref), (loss, ref)
+# DDP averages gradients over ranks: each rank's gradient / w is its slice of the one-process gradient
+assert torch.allclose(local.grad / w, ref_feat.grad[r * 4:(r + 1) * 4], atol=1e-6)
+'''
+
+
+def test_triplet_over_two_processes_equals_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Dict, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,6 +46,35 @@ def batch_hard(dist: torch.Tensor, pids: torch.Tensor):
     return ap, an
 
 
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` that passes gradients back to every rank's own slice (fast-reid's GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        g = torch.stack(grads)
+        dist.all_reduce(g)  # every rank computed the same global loss: sum their gradients
+        return g[dist.get_rank()]
+
+
+def gather_across_processes(feat: torch.Tensor, pids: torch.Tensor):
+    """The global batch on every rank: ``feat [B,D] -> [R*B,D]`` (differentiable), ``pids -> [R*B]``.
+
+    With one process (or no process group) the inputs come back unchanged. Every rank must hold the
+    same B, which :class:`~hybrid_reid.data.PKSampler` guarantees.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return feat, pids
+    all_pids = [torch.zeros_like(pids) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_pids, pids.contiguous())
+    return torch.cat(_AllGather.apply(feat), dim=0), torch.cat(all_pids)
+
+
 @LOSSES.register("triplet")
 class TripletLoss(nn.Module):
     """Batch-hard triplet loss on the feature before the BNNeck.
@@ -53,15 +83,21 @@ class TripletLoss(nn.Module):
         margin: ``None`` or 0 = soft margin ``softplus(d_ap - d_an)``; otherwise
             ``relu(d_ap - d_an + margin)``.
         normalize: L2-normalise the features first.
+        gather: with several processes, mine over the global batch (all ranks' features, gradients
+            flowing back to each rank), so the loss is the one a single process computes on the
+            whole P x K batch; without it each rank mines only its own P/R identities.
     """
 
-    def __init__(self, margin: Optional[float] = None, normalize: bool = False) -> None:
+    def __init__(self, margin: Optional[float] = None, normalize: bool = False, gather: bool = True) -> None:
         super().__init__()
         self.margin = margin or 0.0
         self.normalize = normalize
+        self.gather = gather
 
     def forward(self, output, pids: torch.Tensor) -> torch.Tensor:
         feat = output.feat.float()
+        if self.gather:
+            feat, pids = gather_across_processes(feat, pids)
         if self.normalize:
             feat = F.normalize(feat, dim=1)
         dist = torch.cdist(feat, feat).clamp_min(1e-12)
@@ -112,4 +148,5 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]]) -> Criterion:
     return Criterion(losses, weights)
 
 
-__all__ = ["LOSSES", "Criterion", "IDLoss", "TripletLoss", "batch_hard", "build_criterion"]
+__all__ = ["LOSSES", "Criterion", "IDLoss", "TripletLoss", "batch_hard", "build_criterion",
+           "gather_across_processes"]
