@@ -96,10 +96,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark, to_markdown
+    import inspect
 
-    result = run_benchmark(args.name, out_dir=args.out, batch=args.batch, reps=args.reps,
-                           warmup=args.warmup, tiny=args.tiny, device=args.device)
+    from .bench import BENCHMARKS, run_benchmark, to_markdown
+
+    options = {k: getattr(args, k) for k in ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery")
+               if getattr(args, k) is not None}
+    accepted = inspect.signature(BENCHMARKS.get(args.name)).parameters
+    result = run_benchmark(args.name, out_dir=args.out, **{k: v for k, v in options.items() if k in accepted})
     print(to_markdown(result))
     return 0
 
@@ -139,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="benchmarks; results under experiments/benchmarks/")
-    bench.add_argument("name", choices=["backbone"])
+    bench.add_argument("name", choices=["backbone", "eval"])
     bench.add_argument("--out", default="experiments/benchmarks", help="output folder ('' = do not write)")
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--reps", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--batch", type=int, default=None, help="backbone: images per batch (8)")
+    bench.add_argument("--reps", type=int, default=None, help="timed rounds (backbone 10, eval 5)")
+    bench.add_argument("--warmup", type=int, default=None)
+    bench.add_argument("--queries", type=int, default=None, help="eval: queries (1000)")
+    bench.add_argument("--gallery", type=int, default=None, help="eval: gallery items (15000)")
     bench.add_argument("--tiny", action="store_true", help="tiny towers (smoke test)")
     bench.add_argument("--device", default="cpu")
     bench.set_defaults(func=cmd_bench)

@@ -106,3 +106,12 @@ def test_bench_backbone_tiny_writes_json_and_markdown(tmp_path):
     assert all(v > 0 for v in res["ratios"].values())
     assert all(v < 1e-4 for v in res["max_abs_diff"].values())
     assert "| adapter_clip / open_clip |" in (tmp_path / "backbone.md").read_text()
+
+
+def test_bench_eval_writes_ratios(tmp_path):
+    r = run_cli("bench", "eval", "--queries", "50", "--gallery", "400", "--reps", "2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["setting"]["queries"] == 50 and res["setting"]["gallery"] == 400
+    assert set(res["ratios"]) == {"evaluate_rank / argsort_rows", "argsort_rows / argsort_rows (A/A control)"}
+    assert "| evaluate_rank / argsort_rows |" in (tmp_path / "eval.md").read_text()
