@@ -316,7 +316,6 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         path = find_checkpoint(cfg.output_dir, resume)
         accelerator.load_state(path)
         logger.info("resumed from %s (epoch %d, step %d)", path, progress.epoch, progress.step)
-
     elif _checkpoints(os.path.join(cfg.output_dir, "checkpoints")):
         logger.warning("%s/checkpoints holds an earlier run's checkpoints; this run replaces them epoch by epoch "
                        "(pass --resume to continue that run instead)", cfg.output_dir)

