@@ -18,6 +18,7 @@ from typing import List, Optional
 from .config import ConfigError, load_config
 from .data import DataError, canonical_modality
 from .models import CheckpointError, build_model, parameter_summary
+from .models.model import PARAM_GROUPS
 
 
 def _fmt_int(n: int) -> str:
@@ -29,6 +30,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     modalities = [canonical_modality(m) for m in cfg.data.modalities]
     model = build_model(cfg.model, load_pretrained=False, modalities=modalities)
     summary = parameter_summary(model)
+    unknown = [g for g in cfg.optim.group_lr if g not in PARAM_GROUPS]
+    if unknown:
+        raise ValueError(f"optim.group_lr: unknown group {unknown[0]!r}; groups are {list(PARAM_GROUPS)}")
+    lr = cfg.optim.group_lr
+    summary["param_groups"] = {g: {"params": sum(p.numel() for _, p in ps), "lr": lr.get(g, cfg.optim.lr)}
+                               for g, ps in model.param_groups().items()}
     if args.json:
         summary["backbone"] = cfg.model.backbone
         summary["fusion"] = cfg.model.fusion if len(cfg.model.towers) > 1 else None
@@ -54,6 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for t, g in summary["grid"].items():
         tc = getattr(cfg.model, t)
         print(f"grid[{t}]: {g[0]}x{g[1]} (arch {tc.arch}, stride {tc.stride or 'patch'})")
+    print("lr groups: " + "  ".join(f"{g} {v['lr']:g} ({_fmt_int(v['params'])})"
+                                    for g, v in summary["param_groups"].items()))
     if cfg.model.multi_scale.enabled:
         for t, s in summary["multi_scale_share"].items():
             print(f"multi_scale[{t}]: {100 * s:.2f}% of the {t} tower's parameters")

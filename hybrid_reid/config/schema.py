@@ -43,6 +43,46 @@ class MultiScaleConfig:
     hidden_ratio: float = 0.25
 
 
+@dataclass
+class TokenizerConfig:
+    """Non-shared patch embeddings, one per image modality, copied from the tower's own.
+
+    Attributes:
+        enabled: give every image modality its own tokenizer on every tower.
+        channels: ``{modality: 1 or 3}`` input channels (default 3); a 1-channel tokenizer starts as
+            the sum of the RGB kernels.
+        perturb_std: Gaussian noise added to non-RGB tokenizers at build time (seed 003: 0.02).
+        seed: RNG seed of that noise.
+    """
+
+    enabled: bool = False
+    channels: Dict[str, int] = field(default_factory=dict)
+    perturb_std: float = 0.02
+    seed: int = 0
+
+
+@dataclass
+class MERConfig:
+    """Modality-expert LoRA: one peft adapter per image modality on the shared blocks.
+
+    Attributes:
+        enabled: install the experts on every tower.
+        rank, alpha: LoRA rank and alpha (scale alpha / rank).
+        blocks: indices of the blocks that get adapters (null = all).
+        dropout: LoRA dropout.
+    """
+
+    enabled: bool = False
+    rank: int = 4
+    alpha: float = 1.0
+    blocks: Optional[List[int]] = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"model.mer.rank must be >= 1, got {self.rank}")
+
+
 def _clip_default() -> TowerConfig:
     return TowerConfig(arch="ViT-B-16-quickgelu", sie_coef=1.0, sie_mode="cls")
 
@@ -68,6 +108,10 @@ class ModelConfig:
             replace a positive value by the data set's count.
         num_classes: identities of the ID classifier (0 = no classifier); ``train``/``eval`` set it
             from the training split.
+        freeze_backbone: freeze the towers' pretrained weights (with ``mer.enabled``: LoRA-only
+            training; tokenizers, SIE, projectors and heads still train).
+        tokenizers: per-modality patch embeddings (:class:`TokenizerConfig`).
+        mer: per-modality LoRA experts (:class:`MERConfig`).
     """
 
     backbone: Literal["clip", "vit", "hybrid"] = "clip"
@@ -83,6 +127,9 @@ class ModelConfig:
     clip: TowerConfig = field(default_factory=_clip_default)
     vit: TowerConfig = field(default_factory=_vit_default)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
+    freeze_backbone: bool = False
+    tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mer: MERConfig = field(default_factory=MERConfig)
 
     def __post_init__(self) -> None:
         if self.feat_dim <= 0:
@@ -145,16 +192,17 @@ class OptimConfig:
     """AdamW with a learning rate per parameter group.
 
     Attributes:
-        lr: learning rate of every group not listed in ``group_lr``.
-        group_lr: ``{group: lr}``; groups are ``backbone`` (tower weights), ``head`` (BNNeck and
-            classifier) and ``other`` (camera embeddings, multi-scale, projectors, fusions).
+        lr: learning rate of every group not listed in ``group_lr`` (seed 003: 5e-5).
+        group_lr: ``{group: lr}`` (default: the pretrained ``backbone`` at 1e-5). Groups:
+            ``backbone``, ``lora``, ``tokenizers``, ``projections``, ``head``, ``other``
+            (:meth:`hybrid_reid.models.ReIDModel.param_groups`).
         weight_decay: decoupled weight decay; never applied to biases, norms, position/class
             embeddings and other 1-d parameters.
         betas: AdamW betas.
     """
 
-    lr: float = 3.5e-4
-    group_lr: Dict[str, float] = field(default_factory=dict)
+    lr: float = 5e-5
+    group_lr: Dict[str, float] = field(default_factory=lambda: {"backbone": 1e-5})
     weight_decay: float = 1e-4
     betas: Tuple[float, float] = (0.9, 0.999)
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..registry import Registry
 from .checkpoint import load_tower_weights
+from .experts import ModalityExperts
 
 _logger = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class Backbone(nn.Module):
             nn.init.normal_(self.proj.weight, std=self.embed_dim ** -0.5)  # open_clip's init
         self.out_dim: int = spec.out_dim or self.embed_dim
         self.sie = sie
+        self.experts = ModalityExperts(self.tower)  # per-modality tokenizers / LoRA, installed on demand
         self._sie_bias: Optional[torch.Tensor] = None
         if sie is not None:
             self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
@@ -185,12 +187,15 @@ class Backbone(nn.Module):
         return (x,)
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-                view_ids: Optional[torch.Tensor] = None) -> BackboneOutput:
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> BackboneOutput:
         """images [B, C, H, W] (normalised with ``mean``/``std``) -> :class:`BackboneOutput`.
 
         ``cam_ids`` / ``view_ids`` ([B], 0-based) are required when the backbone has a camera / view
-        embedding and ignored otherwise.
+        embedding and ignored otherwise. ``modality`` routes the forward through that modality's
+        tokenizer and LoRA expert when the backbone has them (:attr:`experts`).
         """
+        if self.experts.enabled:
+            self.experts.activate(modality)
         if self.sie is not None:
             self._sie_bias = self.sie(cam_ids, view_ids)
         try:
@@ -201,12 +206,15 @@ class Backbone(nn.Module):
         return BackboneOutput(cls=tokens[:, 0], patches=tokens[:, npt:], grid=self.grid)
 
     def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-              view_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+              view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> torch.Tensor:
         """[B, out_dim]: CLIP's projected image feature, or the ViT's CLS after the final norm."""
-        cls = self.forward(images, cam_ids, view_ids).cls
+        cls = self.forward(images, cam_ids, view_ids, modality).cls
         return self.proj(cls) if self.proj is not None else cls
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable and self.experts.lora_modalities:
+            raise ValueError("gradient checkpointing with per-modality LoRA experts gives wrong gradients "
+                             "(peft adapter switching); disable one of them")
         self.tower.set_grad_checkpointing(enable)
 
     def extra_repr(self) -> str:

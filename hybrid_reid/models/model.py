@@ -25,6 +25,8 @@ from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .multi_scale import MultiScaleExtractor
 
+NON_IMAGE_MODALITIES = ("text",)
+
 
 @dataclass
 class EncoderOutput:
@@ -112,15 +114,22 @@ class ReIDEncoder(nn.Module):
             return images
         return images * scale.to(images.dtype) + getattr(self, f"_renorm_shift_{tower}").to(images.dtype)
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether a tower routes by modality (tokenizers or LoRA experts)."""
+        return any(b.experts.enabled for b in self.backbones.values())
+
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-                view_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
-        """images [B,3,H,W] normalised with ``self.mean``/``self.std`` -> :class:`EncoderOutput`."""
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> EncoderOutput:
+        """images [B,3,H,W] normalised with ``self.mean``/``self.std`` -> :class:`EncoderOutput`.
+
+        ``modality`` selects the towers' tokenizer and LoRA expert (when they have them)."""
         outs: Dict[str, BackboneOutput] = {}
         feats: Dict[str, torch.Tensor] = {}
         tokens: Dict[str, torch.Tensor] = {}
         needs_tokens = self.fusion is not None and self.fusion.needs_tokens
         for t, backbone in self.backbones.items():
-            out = backbone(self._input_for(t, images), cam_ids, view_ids)
+            out = backbone(self._input_for(t, images), cam_ids, view_ids, modality)
             if t in self.multi_scale:
                 out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid)
             outs[t] = out
@@ -192,10 +201,11 @@ class ReIDModel(nn.Module):
                 view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
         """Run the shared encoder on every modality. All modalities share every weight, so images of
         one shape go through as one batch of ``M*B`` (a quickstart step: 79 ms instead of 127 ms with
-        ``M`` calls; identical results) and are split again."""
+        ``M`` calls; identical results) and are split again. With modality experts (tokenizers,
+        LoRA) every modality takes its own pass."""
         shapes = {tuple(x.shape) for x in images.values()}
-        if len(images) == 1 or len(shapes) > 1:
-            return {m: self.encoder(x, cam_ids, view_ids) for m, x in images.items()}
+        if len(images) == 1 or len(shapes) > 1 or self.encoder.has_experts:  # experts: one pass per modality
+            return {m: self.encoder(x, cam_ids, view_ids, m) for m, x in images.items()}
         n, b = len(images), next(iter(shapes))[0]
         rep = lambda t: None if t is None else t.repeat(n)  # noqa: E731
         out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids))
@@ -211,20 +221,35 @@ class ReIDModel(nn.Module):
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Trainable parameters by named group (each gets its own learning rate, ``optim.group_lr``).
 
-        ``backbone``: the towers' transformer weights; ``head``: BNNeck and classifier; ``other``:
-        camera embeddings, multi-scale extractors, projectors (CLIP's reused one included), fusions.
+        ``backbone``: the towers' pretrained transformer weights; ``lora``: MER experts;
+        ``tokenizers``: per-modality patch embeddings; ``projections``: projectors into the shared
+        space (CLIP's reused one included); ``head``: BNNeck and classifier; ``other``: camera
+        embeddings, multi-scale extractors, fusions and whatever else is added.
         """
-        groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {"backbone": [], "head": [], "other": []}
+        groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {g: [] for g in PARAM_GROUPS}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith("encoder.backbones.") and ".tower." in name:
-                groups["backbone"].append((name, p))
-            elif name.startswith("head."):
-                groups["head"].append((name, p))
-            else:
-                groups["other"].append((name, p))
+            if p.requires_grad:
+                groups[param_group_of(name)].append((name, p))
         return groups
+
+
+PARAM_GROUPS = ("backbone", "lora", "tokenizers", "projections", "head", "other")
+
+
+def param_group_of(name: str) -> str:
+    """The :meth:`ReIDModel.param_groups` group of a parameter name."""
+    if "lora_" in name:
+        return "lora"
+    if ".patch_embed.embeds." in name or ".patch_embed.adapters." in name:
+        return "tokenizers"
+    if name.startswith("encoder.backbones.") and ".tower." in name:
+        return "backbone"
+    if name.startswith("encoder.projectors.") or (name.startswith("encoder.backbones.") and ".proj." in name
+                                                  and ".tower." not in name):
+        return "projections"
+    if name.startswith("head."):
+        return "head"
+    return "other"
 
 
 def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequence[str] = ("rgb",)) -> ReIDModel:
@@ -248,6 +273,19 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
                 sie_mode=tc.sie_mode, **kwargs)
         except (ValueError, CheckpointError) as e:
             raise type(e)(f"model.{t}: {e}") from None
+    image_modalities = [m for m in modalities if m not in NON_IMAGE_MODALITIES]
+    for t, b in backbones.items():  # after the pretrained weights: experts start from them
+        if cfg.freeze_backbone:
+            for p in b.tower.parameters():
+                p.requires_grad_(False)
+        if cfg.tokenizers.enabled:
+            channels = {m: cfg.tokenizers.channels.get(m, 3) for m in image_modalities}
+            b.experts.add_tokenizers(channels, cfg.tokenizers.perturb_std, seed=cfg.tokenizers.seed)
+        if cfg.mer.enabled:
+            try:
+                b.experts.add_lora(image_modalities, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
+            except ValueError as e:
+                raise ValueError(f"model.{t}: {e}") from None
     ms = cfg.multi_scale
     multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
                    for t, b in backbones.items()} if ms.enabled else None
