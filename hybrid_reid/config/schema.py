@@ -83,6 +83,44 @@ class MERConfig:
             raise ValueError(f"model.mer.rank must be >= 1, got {self.rank}")
 
 
+@dataclass
+class SDMConfig:
+    """Semantic disentanglement module (seed 003); its alignment loss is ``loss.sdm``."""
+
+    enabled: bool = False
+    semantic_dim: int = 512
+    heads: int = 8
+
+
+@dataclass
+class ClipConsistencyConfig:
+    """CLIP consistency loss (seed 004): the fused feature aligned to CLIP's global RGB feature.
+
+    Attributes:
+        weight: loss weight once fully on (0 = off).
+        schedule: ``[[epoch, factor], ...]``: from ``epoch`` on the weight is ``factor * weight``
+            (default 0 for 10 epochs, then 0.1x, then 1x from epoch 20: 0 -> 0.001 -> 0.01 at 0.01).
+        temperature: cosine / temperature, never below ``min_temperature``.
+        min_temperature: the floor (seed 004: 0.1; 0.07 made it explode).
+        clamp: features are clamped to [-clamp, clamp] first.
+        gradient_flow_ratio: share of the gradient that reaches the CLIP feature
+            (``f * r + f.detach() * (1 - r)``; 0 = CLIP is a fixed target).
+    """
+
+    weight: float = 0.0
+    schedule: List[Tuple[int, float]] = field(default_factory=lambda: [(0, 0.0), (10, 0.1), (20, 1.0)])
+    temperature: float = 0.1
+    min_temperature: float = 0.1
+    clamp: float = 10.0
+    gradient_flow_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_temperature <= 0:
+            raise ValueError("model.clip_consistency.min_temperature must be > 0")
+        if not 0.0 <= self.gradient_flow_ratio <= 1.0:
+            raise ValueError("model.clip_consistency.gradient_flow_ratio must be in [0, 1]")
+
+
 def _clip_default() -> TowerConfig:
     return TowerConfig(arch="ViT-B-16-quickgelu", sie_coef=1.0, sie_mode="cls")
 
@@ -112,6 +150,9 @@ class ModelConfig:
             training; tokenizers, SIE, projectors and heads still train).
         tokenizers: per-modality patch embeddings (:class:`TokenizerConfig`).
         mer: per-modality LoRA experts (:class:`MERConfig`).
+        sdm: semantic disentanglement module (:class:`SDMConfig`).
+        clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`); needs a CLIP tower
+            (``clip`` or ``hybrid``).
     """
 
     backbone: Literal["clip", "vit", "hybrid"] = "clip"
@@ -130,6 +171,8 @@ class ModelConfig:
     freeze_backbone: bool = False
     tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
     mer: MERConfig = field(default_factory=MERConfig)
+    sdm: SDMConfig = field(default_factory=SDMConfig)
+    clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
 
     def __post_init__(self) -> None:
         if self.feat_dim <= 0:
@@ -240,7 +283,8 @@ class TrainConfig:
 
 
 def _default_losses() -> Dict[str, Dict[str, Any]]:
-    return {"id": {"weight": 1.0, "label_smoothing": 0.1}, "triplet": {"weight": 1.0, "margin": None}}
+    return {"id": {"weight": 1.0, "label_smoothing": 0.1}, "triplet": {"weight": 1.0, "margin": None},
+            "sdm": {"weight": 0.1, "temperature": 0.1, "margin": 0.3}}
 
 
 @dataclass
@@ -263,7 +307,8 @@ class Config:
     """The whole run.
 
     ``loss`` maps a registered loss name to its arguments (``weight`` and the loss's own, e.g.
-    ``label_smoothing``, ``margin``); a loss with weight 0 is skipped.
+    ``label_smoothing``, ``margin``); a loss with weight 0 is skipped, and so is one the model has
+    nothing for (``sdm`` without ``model.sdm.enabled``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)

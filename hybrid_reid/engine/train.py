@@ -307,7 +307,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
-    criterion = build_criterion(cfg.loss)
+    criterion = build_criterion(cfg.loss, cfg.model.clip_consistency)
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
     model, optimizer, test_loader, scheduler = accelerator.prepare(model, optimizer, test_loader, scheduler)
     progress = TrainProgress()
@@ -340,7 +340,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
             batch = send_to_device(next(batches), accelerator.device)
             with accelerator.accumulate(model):
                 out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
-                losses = criterion(out, batch["pids"])
+                losses = criterion(out, batch["pids"], epoch)
                 accelerator.backward(losses["total"])
                 if accelerator.sync_gradients and tc.clip_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)

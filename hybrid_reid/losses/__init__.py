@@ -9,7 +9,7 @@ multiplies it by its weight. A new loss is one class registered with ``@LOSSES.r
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -111,22 +111,118 @@ class TripletLoss(nn.Module):
         return F.softplus(ap - an).mean()
 
 
-class Criterion(nn.Module):
-    """Weighted named losses: ``forward(output, pids) -> {name: weighted loss, ..., "total": sum}``."""
+def _info_nce(query: torch.Tensor, anchor: torch.Tensor, pids: torch.Tensor, temperature: float,
+              margin: float) -> torch.Tensor:
+    """Supervised contrastive loss of ``query`` [B,D] against ``anchor`` [B,D] (positives: same pid),
+    with an additive cosine margin on the positives; log-sum-exp throughout (no ``log(x + eps)``)."""
+    q, a = F.normalize(query.float(), dim=1), F.normalize(anchor.float(), dim=1)
+    pos = pids[:, None] == pids[None, :]
+    logits = (q @ a.t() - margin * pos) / temperature
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, float("-inf")), 1)).mean()
 
-    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float]) -> None:
+
+@LOSSES.register("sdm")
+class RGBAnchoredAlignment(nn.Module):
+    """SDM alignment (seed 003): every non-RGB modality's semantic feature, and their mean (the fused
+    combination), is pulled towards the RGB semantic feature of the same identity.
+
+    Not applicable (skipped) when the model has no SDM or the batch no RGB or no other modality.
+
+    Args:
+        temperature: softmax temperature (seed: 0.1).
+        margin: additive cosine margin on the positives (seed: 0.3).
+        anchor: the anchor modality.
+        detach_anchor: stop gradients into the anchor, so RGB is pulled towards nothing.
+    """
+
+    def __init__(self, temperature: float = 0.1, margin: float = 0.3, anchor: str = "rgb",
+                 detach_anchor: bool = True) -> None:
+        super().__init__()
+        self.temperature, self.margin, self.anchor, self.detach_anchor = temperature, margin, anchor, detach_anchor
+
+    def forward(self, output, pids: torch.Tensor) -> Optional[torch.Tensor]:
+        sem = getattr(output, "semantic", None)
+        if not sem or self.anchor not in sem or len(sem) < 2:
+            return None
+        anchor = sem[self.anchor].detach() if self.detach_anchor else sem[self.anchor]
+        queries = [s for m, s in sem.items() if m != self.anchor]
+        if len(queries) > 1:
+            queries.append(torch.stack(queries).mean(0))
+        return torch.stack([_info_nce(q, anchor, pids, self.temperature, self.margin) for q in queries]).mean()
+
+
+@LOSSES.register("clip_consistency")
+class ClipConsistencyLoss(nn.Module):
+    """CLIP consistency (seed 004, stabilised): ``-logsigmoid(cos(fused, clip) / max(T, T_min))``.
+
+    ``fused`` is the mean of the modality features, ``clip`` the CLIP tower's feature of the RGB
+    image (``output.clip_global``). Features are clamped to ``[-clamp, clamp]``; only
+    ``gradient_flow_ratio`` of the gradient reaches the CLIP feature. Skipped without a CLIP target.
+    """
+
+    def __init__(self, temperature: float = 0.1, min_temperature: float = 0.1, clamp: float = 10.0,
+                 gradient_flow_ratio: float = 0.0) -> None:
+        super().__init__()
+        self.temperature = max(temperature, min_temperature)
+        self.clamp, self.ratio = clamp, gradient_flow_ratio
+
+    def forward(self, output, pids: torch.Tensor) -> Optional[torch.Tensor]:
+        clip = getattr(output, "clip_global", None)
+        if clip is None:
+            return None
+        fused = torch.stack(list(output.modality_feats.values())).mean(0).float().clamp(-self.clamp, self.clamp)
+        clip = clip.float().clamp(-self.clamp, self.clamp)
+        clip = clip * self.ratio + clip.detach() * (1 - self.ratio)
+        cos = F.cosine_similarity(fused, clip, dim=-1, eps=1e-6)
+        return -F.logsigmoid(cos / self.temperature).mean()
+
+
+def scheduled_weight(weight: float, schedule: Sequence[Sequence[float]]) -> Callable[[int], float]:
+    """``epoch -> weight * factor`` of the last ``[start_epoch, factor]`` with ``start_epoch <= epoch``."""
+    steps = sorted((int(e), float(f)) for e, f in schedule) or [(0, 1.0)]
+
+    def at(epoch: int) -> float:
+        factor = 0.0 if epoch < steps[0][0] else next(f for e, f in reversed(steps) if e <= epoch)
+        return weight * factor
+
+    return at
+
+
+class Criterion(nn.Module):
+    """Weighted named losses: ``forward(output, pids, epoch) -> {name: weighted loss, ..., "total": sum}``.
+
+    A weight is a number or a function of the epoch. A loss that returns None (nothing to compute
+    for this model or batch) is left out of the dict.
+    """
+
+    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, Union[float, Callable[[int], float]]]):
         super().__init__()
         self.losses = nn.ModuleDict(dict(losses))
         self.weights = dict(weights)
 
-    def forward(self, output, pids: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = {name: self.weights[name] * fn(output, pids) for name, fn in self.losses.items()}
-        out["total"] = sum(out.values())
+    def weight(self, name: str, epoch: int) -> float:
+        w = self.weights[name]
+        return w(epoch) if callable(w) else w
+
+    def forward(self, output, pids: torch.Tensor, epoch: int = 0) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, fn in self.losses.items():
+            w = self.weight(name, epoch)
+            if w == 0:
+                continue
+            value = fn(output, pids)
+            if value is not None:
+                out[name] = w * value
+        out["total"] = sum(out.values()) if out else output.feat.sum() * 0.0
         return out
 
 
-def build_criterion(cfg: Mapping[str, Mapping[str, Any]]) -> Criterion:
-    """Build from the ``loss`` config section: ``{name: {"weight": w, **kwargs}}``; weight 0 skips a loss."""
+def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None) -> Criterion:
+    """Build from the ``loss`` config section: ``{name: {"weight": w, **kwargs}}``; weight 0 skips a loss.
+
+    ``clip_consistency`` (the ``model.clip_consistency`` section) adds that loss with its epoch
+    schedule when its weight is positive.
+    """
     losses, weights = {}, {}
     for name, spec in cfg.items():
         try:
@@ -143,10 +239,15 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]]) -> Criterion:
         if weight == 0:
             continue
         losses[name], weights[name] = cls(**kwargs), weight
+    cc = clip_consistency
+    if cc is not None and cc.weight > 0:
+        losses["clip_consistency"] = ClipConsistencyLoss(cc.temperature, cc.min_temperature, cc.clamp,
+                                                         cc.gradient_flow_ratio)
+        weights["clip_consistency"] = scheduled_weight(cc.weight, cc.schedule)
     if not losses:
         raise ValueError("every loss has weight 0; set at least one loss weight (e.g. loss.id.weight=1)")
     return Criterion(losses, weights)
 
 
-__all__ = ["LOSSES", "Criterion", "IDLoss", "TripletLoss", "batch_hard", "build_criterion",
-           "gather_across_processes"]
+__all__ = ["LOSSES", "ClipConsistencyLoss", "Criterion", "IDLoss", "RGBAnchoredAlignment", "TripletLoss",
+           "batch_hard", "build_criterion", "gather_across_processes", "scheduled_weight"]

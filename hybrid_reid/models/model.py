@@ -24,6 +24,7 @@ from .backbone import Backbone, BackboneOutput, create_backbone
 from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .multi_scale import MultiScaleExtractor
+from .sdm import SemanticDisentanglement
 
 NON_IMAGE_MODALITIES = ("text",)
 
@@ -53,6 +54,9 @@ class ReIDOutput:
         logits: [B, num_classes] ID logits, or None without a classifier.
         modality_feats: {modality: [B, F]} each modality's feature in the shared space.
         encoder: {modality: EncoderOutput} per-tower features and tokens of each modality.
+        semantic: {modality: [B, S]} SDM semantic features (``model.sdm.enabled``), else None.
+        clip_global: [B, F] the CLIP tower's feature of the RGB image, the target of the CLIP
+            consistency loss (when it is on and RGB is present), else None.
     """
 
     feat: torch.Tensor
@@ -60,6 +64,8 @@ class ReIDOutput:
     logits: Optional[torch.Tensor]
     modality_feats: Dict[str, torch.Tensor]
     encoder: Dict[str, EncoderOutput] = field(repr=False)
+    semantic: Optional[Dict[str, torch.Tensor]] = None
+    clip_global: Optional[torch.Tensor] = None
 
 
 class ReIDEncoder(nn.Module):
@@ -173,11 +179,17 @@ class ReIDModel(nn.Module):
         modality_fusion: combines the per-modality features.
     """
 
-    def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion) -> None:
+    def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
+                 sdm: Optional[SemanticDisentanglement] = None, clip_target: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.modality_fusion = modality_fusion
+        self.sdm = sdm
+        if clip_target and "clip" not in encoder.backbones:
+            raise ValueError("model.clip_consistency needs a CLIP tower: use model.backbone=clip or hybrid, "
+                             "or set model.clip_consistency.weight=0")
+        self.clip_target = clip_target
 
     @property
     def modalities(self) -> List[str]:
@@ -195,7 +207,10 @@ class ReIDModel(nn.Module):
         feats = {m: e.feat for m, e in enc.items()}
         feat = self.modality_fusion(feats)
         bn, logits = self.head(feat)
-        return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc)
+        semantic = self.sdm(feats) if self.sdm is not None else None
+        clip_global = enc["rgb"].tower_feats["clip"] if self.clip_target and "rgb" in enc else None
+        return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
+                          semantic=semantic, clip_global=clip_global)
 
     def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
                 view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
@@ -302,7 +317,9 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         mfusion = MODALITY_FUSIONS.get(cfg.modality_fusion)(list(modalities), cfg.feat_dim)
     except KeyError as e:
         raise ValueError(f"model.modality_fusion: {e.args[0]}") from None
-    return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion)
+    sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
+    return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
+                     clip_target=cfg.clip_consistency.weight > 0)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
