@@ -166,3 +166,29 @@ def test_accelerate_launch_one_process_is_identical_to_python(data_root, tmp_pat
     b = json.loads((tmp_path / "launched" / "metrics.json").read_text())
     for key in ("mAP", "rank1", "mINP", "steps"):
         assert a[key] == b[key], key
+
+
+def test_experts_text_and_any_combination_eval_end_to_end(data_root, tmp_path):
+    """MER + tokenizers + SDM + text train through the engine; eval scores nir queries against an rgb gallery."""
+    out = tmp_path / "experts"
+    cfg = load_config(QUICK, tiny_overrides(data_root, out, 2) + [
+        "data.modalities=[rgb, nir, tir, text]", "model.mer.enabled=true", "model.tokenizers.enabled=true",
+        "model.sdm.enabled=true", "model.sdm.semantic_dim=32", "eval.query_modalities=[nir]",
+        "eval.gallery_modalities=[rgb]"])
+    metrics = train(cfg)
+    assert metrics["query_modalities"] == ["nir"] and metrics["gallery_modalities"] == ["rgb"]
+    assert 0 < metrics["mAP"] <= 100
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert any("loss/sdm" in r for r in steps if r["kind"] == "step")
+    state = load_file(str(out / "model.safetensors"))
+    assert any("lora_B.nir" in k for k in state) and any(k.startswith("text_encoder.") for k in state)
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / "ev", 2), "data.modalities=[rgb, nir, tir, text]",
+                   "model.mer.enabled=true", "model.tokenizers.enabled=true", "model.sdm.enabled=true",
+                   "model.sdm.semantic_dim=32", "eval.query_modalities=[text]", "eval.gallery_modalities=[rgb, nir]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["query_modalities"] == ["text"] and 0 < ev["mAP"] <= 100
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / "ev2", 2), "eval.query_modalities=[sketch]")
+    assert r.returncode == 2 and "eval.query_modalities=['sketch']" in r.stderr

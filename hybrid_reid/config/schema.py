@@ -84,6 +84,23 @@ class MERConfig:
 
 
 @dataclass
+class TextConfig:
+    """The CLIP text tower used for the ``text`` modality (built only when ``data.modalities`` has it).
+
+    Attributes:
+        arch: open_clip model name whose text tower is built.
+        pretrained: a CLIP checkpoint (the same file as ``model.clip.pretrained`` works), or null.
+        context_length: tokens per caption.
+        tower_kwargs: ``width``, ``layers``, ``heads``, ``out_dim`` overrides (tiny towers).
+    """
+
+    arch: str = "ViT-B-16-quickgelu"
+    pretrained: Optional[str] = None
+    context_length: int = 77
+    tower_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SDMConfig:
     """Semantic disentanglement module (seed 003); its alignment loss is ``loss.sdm``."""
 
@@ -151,6 +168,7 @@ class ModelConfig:
         tokenizers: per-modality patch embeddings (:class:`TokenizerConfig`).
         mer: per-modality LoRA experts (:class:`MERConfig`).
         sdm: semantic disentanglement module (:class:`SDMConfig`).
+        text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
         clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`); needs a CLIP tower
             (``clip`` or ``hybrid``).
     """
@@ -172,6 +190,7 @@ class ModelConfig:
     tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
     mer: MERConfig = field(default_factory=MERConfig)
     sdm: SDMConfig = field(default_factory=SDMConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
 
     def __post_init__(self) -> None:
@@ -295,11 +314,16 @@ class EvalConfig:
         metric: ``euclidean`` or ``cosine``, on L2-normalised features.
         feat: ``bn`` (after the BNNeck, the peers' test feature) or ``pre`` (before it).
         max_rank: length of the CMC curve.
+        query_modalities, gallery_modalities: the modalities the query / gallery features are
+            computed from (any non-empty subset of ``data.modalities``, e.g. ``[nir]`` or
+            ``[sketch, text]``; null = all). Absent modalities are simply left out.
     """
 
     metric: Literal["euclidean", "cosine"] = "euclidean"
     feat: Literal["bn", "pre"] = "bn"
     max_rank: int = 50
+    query_modalities: Optional[List[str]] = None
+    gallery_modalities: Optional[List[str]] = None
 
 
 @dataclass

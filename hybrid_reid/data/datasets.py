@@ -7,6 +7,7 @@ error that names the path.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from ..registry import Registry
 
 logger = logging.getLogger(__name__)
 
-MODALITY_ALIASES = {"vis": "rgb", "rgb": "rgb", "ni": "nir", "nir": "nir", "ir": "nir", "th": "tir", "ti": "tir",
+MODALITY_ALIASES = {"vis": "rgb", "rgb": "rgb", "ni": "nir", "nir": "nir", "ir": "ir", "th": "tir", "ti": "tir",
                     "tir": "tir", "sk": "sketch", "sketch": "sketch", "cp": "cpencil", "cpencil": "cpencil",
                     "text": "text"}
 
 
 def canonical_modality(name: str) -> str:
-    """``vis`` -> ``rgb``, ``ni``/``ir`` -> ``nir``, ``th``/``ti`` -> ``tir``, ``sk`` -> ``sketch``, ..."""
+    """``vis`` -> ``rgb``, ``ni`` -> ``nir``, ``th``/``ti`` -> ``tir``, ``sk`` -> ``sketch``, ``cp`` -> ``cpencil``;
+    ``ir`` (a thermal/near-IR camera of IR-RGB data sets) stays its own modality."""
     try:
         return MODALITY_ALIASES[name.lower()]
     except KeyError:
@@ -37,12 +39,14 @@ class DataError(ValueError):
 
 
 class Sample(NamedTuple):
-    """One multi-modal sample: ``paths[modality]``, identity, camera (0-based) and view."""
+    """One multi-modal sample: ``paths[modality]`` (images), identity, camera (0-based), view and
+    caption (the ``text`` modality, or None)."""
 
     paths: Dict[str, str]
     pid: int
     camid: int
     viewid: int = 0
+    text: Optional[str] = None
 
 
 @dataclass
@@ -106,7 +110,9 @@ class RGBNT201:
     """RGBNT201 as released: ``ROOT/RGBNT201/{train_171,test}/{RGB,NI,TI}/<pid:06d>_cam<c>_*.jpg``.
 
     The modalities are paired by identical file name; pid = the first 6 digits, camid = the digit
-    after ``cam`` minus 1 (as TOP-ReID / MambaPro parse it); query = gallery = ``test``.
+    after ``cam`` minus 1 (as TOP-ReID / MambaPro parse it); query = gallery = ``test``. The
+    ``text`` modality reads ``RGBNT201/captions.json`` (``{"<pid:06d>": caption}``; the synthetic
+    set writes one, the released RGBNT201 has none).
     """
 
     folder = "RGBNT201"
@@ -129,10 +135,15 @@ class RGBNT201:
                             f"data.root to the folder that contains it (or use data.name=synthetic)")
         mods = [canonical_modality(m) for m in modalities]
         for m in mods:
-            if m not in cls.modality_dirs:
-                raise DataError(f"{cls.folder} has no modality {m!r}; it has {list(cls.modality_dirs)}")
-        train = relabel(cls._read_split(base, cls.splits["train"], mods))
-        test = cls._read_split(base, cls.splits["test"], mods)
+            if m not in cls.modality_dirs and m != "text":
+                raise DataError(f"{cls.folder} has no modality {m!r}; it has {list(cls.modality_dirs) + ['text']}")
+        image_mods = [m for m in mods if m != "text"]
+        if not image_mods:
+            raise DataError(f"data.modalities={mods}: {cls.folder} samples are images; add at least one image modality")
+        captions = cls._read_captions(base) if "text" in mods else None
+        train = cls._read_split(base, cls.splits["train"], image_mods, captions)
+        test = cls._read_split(base, cls.splits["test"], image_mods, captions)
+        train = relabel(train)
         check_readable(train)
         check_readable(test)
         num_cams = max(s.camid for s in train + test) + 1
@@ -145,7 +156,20 @@ class RGBNT201:
         return int(head[:6]), int(cam[3]) - 1
 
     @classmethod
-    def _read_split(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+    def _read_captions(cls, base: str) -> Dict[int, str]:
+        path = os.path.join(base, "captions.json")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: the text modality needs captions ({{\"<pid:06d>\": caption}}); "
+                            "drop 'text' from data.modalities")
+        try:
+            with open(path) as f:
+                return {int(k): str(v) for k, v in json.load(f).items()}
+        except (ValueError, AttributeError) as e:
+            raise DataError(f"{path} is not a JSON object of pid -> caption: {e}") from None
+
+    @classmethod
+    def _read_split(cls, base: str, split: str, mods: List[str],
+                    captions: Optional[Dict[int, str]] = None) -> List[Sample]:
         split_dir = os.path.join(base, split)
         names: Dict[str, List[str]] = {}
         for m in mods:
@@ -178,7 +202,13 @@ class RGBNT201:
                 raise DataError(f"cannot parse pid/camera from {os.path.join(split_dir, name)}: expected "
                                 "<pid:06d>_cam<c>_*.jpg") from None
             paths = {m: os.path.join(split_dir, cls.modality_dirs[m], name) for m in mods}
-            samples.append(Sample(paths, pid, camid))
+            text = None
+            if captions is not None:
+                if pid not in captions:
+                    raise DataError(f"{os.path.join(base, 'captions.json')} has no caption for pid {pid:06d} "
+                                    f"({os.path.join(split_dir, name)})")
+                text = captions[pid]
+            samples.append(Sample(paths, pid, camid, text=text))
         return samples
 
 

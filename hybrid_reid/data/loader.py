@@ -1,11 +1,11 @@
 """Torch data sets, the PK identity sampler and the loaders the engine uses.
 
 A batch is a dict: ``{"images": {modality: [B, 3, H, W]}, "pids": [B], "cam_ids": [B],
-"view_ids": [B], "indices": [B]}``.
+"view_ids": [B], "indices": [B]}``; the ``text`` modality is token ids ``[B, L]`` under ``images``.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,13 @@ class MultiModalDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
-                 cache: bool = False) -> None:
+                 cache: bool = False, tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> None:
         self.samples = list(samples)
-        self.modalities = list(modalities)
+        self.modalities = [m for m in modalities if m != "text"]
+        self.with_text = "text" in modalities
+        if self.with_text and tokenize is None:
+            raise ValueError("the text modality needs a tokenizer (the model's text_encoder.tokenize)")
+        self.tokenize = tokenize
         self.transform = transform
         self.cache: Optional[List[Dict[str, torch.Tensor]]] = None
         if cache:
@@ -52,8 +56,10 @@ class MultiModalDataset(Dataset):
     def __getitem__(self, i: int) -> Dict[str, object]:
         s = self.samples[i]
         images = self.cache[i] if self.cache is not None else self._load(s)
-        return {"images": self.transform(images), "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid,
-                "indices": i}
+        inputs = self.transform(images)
+        if self.with_text:
+            inputs["text"] = self.tokenize(s.text or "")[0]
+        return {"images": inputs, "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid, "indices": i}
 
 
 class PKSampler(Sampler[List[int]]):
@@ -142,14 +148,17 @@ class PKSampler(Sampler[List[int]]):
 
 def build_train_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
                        batch_size: int, num_instances: int, seed: int, num_workers: int,
-                       num_replicas: int = 1, rank: int = 0, cache: bool = False) -> DataLoader:
+                       num_replicas: int = 1, rank: int = 0, cache: bool = False,
+                       tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
     sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank)
-    return DataLoader(MultiModalDataset(samples, modalities, transform, cache), batch_sampler=sampler,
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize), batch_sampler=sampler,
                       num_workers=num_workers, persistent_workers=False, pin_memory=False)
 
 
 def build_test_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
-                      batch_size: int, num_workers: int, cache: bool = False) -> DataLoader:
-    return DataLoader(MultiModalDataset(samples, modalities, transform, cache), batch_size=batch_size, shuffle=False,
+                      batch_size: int, num_workers: int, cache: bool = False,
+                      tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize), batch_size=batch_size,
+                      shuffle=False,
                       num_workers=num_workers)
 

@@ -19,6 +19,10 @@ Layout written (``<pid:06d>_cam<c>_<k:02d>.jpg``, cameras numbered from 1):
 
     OUT/RGBNT201/{train_171,test}/{RGB,NI,TI}/000001_cam1_00.jpg
     OUT/RGBNT201/synth.json       # the generator's parameters
+    OUT/RGBNT201/captions.json    # {"000001": "a person in a red top and dark trousers with ..."}
+
+Captions (the ``text`` modality) describe what a witness sees: the top's colour, the trousers'
+lightness and the fabric's stripes; never the heat pattern.
 """
 from __future__ import annotations
 
@@ -42,6 +46,18 @@ HOT_SPOTS = [  # TIR codes: (u, v) centres in the canonical body frame
     [(0.0, 0.08)], [(0.0, 0.33)], [(-0.28, 0.36)], [(0.28, 0.36)], [(-0.12, 0.78), (0.12, 0.78)],
     [(-0.36, 0.52), (0.36, 0.52)]]
 N_RGB, N_NIR, N_TIR = len(HUES) * len(LOWER), len(STRIPES), len(HOT_SPOTS)
+HUE_NAMES = ("red", "green", "blue", "yellow")
+LOWER_NAMES = ("dark", "light")
+STRIPE_NAMES = [f"{'fine' if period < 8 else 'wide'} {direction} stripes"
+                for direction in ("horizontal", "vertical", "diagonal") for period in (5.0, 11.0)]
+GENERATOR_VERSION = 2  # bump when the output changes, so cached sets are regenerated
+
+
+def caption(codes) -> str:
+    """What a witness would say: the clothes' colours and texture (never the heat pattern)."""
+    rgb, nir = int(codes[0]), int(codes[1])
+    return (f"a person in a {HUE_NAMES[rgb // len(LOWER)]} top and {LOWER_NAMES[rgb % len(LOWER)]} trousers "
+            f"with {STRIPE_NAMES[nir]}")
 MODALITY_DIRS = ("RGB", "NI", "TI")
 
 
@@ -164,9 +180,12 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -
                     name = f"{pid + 1:06d}_cam{c + 1}_{k:02d}.jpg"
                     for d, img in zip(MODALITY_DIRS, images):
                         Image.fromarray(img).save(os.path.join(tmp, split, d, name), quality=92)
-        meta = dict(asdict(spec), size=list(spec.size), codes=codes.tolist(), test_ids=sorted(test_ids))
+        meta = dict(asdict(spec), size=list(spec.size), version=GENERATOR_VERSION, codes=codes.tolist(),
+                    test_ids=sorted(test_ids))
         with open(os.path.join(tmp, "synth.json"), "w") as f:
             json.dump(meta, f)
+        with open(os.path.join(tmp, "captions.json"), "w") as f:
+            json.dump({f"{pid + 1:06d}": caption(codes[pid]) for pid in range(spec.ids)}, f, indent=0)
         if os.path.exists(target):
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -183,7 +202,7 @@ def ensure_generated(root: str, spec: SynthSpec) -> str:
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        want = dict(asdict(spec), size=list(spec.size))
+        want = dict(asdict(spec), size=list(spec.size), version=GENERATOR_VERSION)
         if all(meta.get(k) == v for k, v in want.items()):
             return os.path.join(root, "RGBNT201")
         return generate(root, spec, overwrite=True)

@@ -39,7 +39,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..config import Config, OptimConfig, TrainConfig, to_dict
-from ..data import PairedTransform, ReIDData, build_test_loader, build_train_loader, load_data
+from ..data import PairedTransform, ReIDData, build_test_loader, build_train_loader, canonical_modality, load_data
 from ..evaluation import rank_metrics
 from ..losses import build_criterion
 from ..models import ReIDModel, build_model, load_model_weights
@@ -102,10 +102,14 @@ def _transform(cfg: Config, model: ReIDModel, train: bool) -> PairedTransform:
                            flip_prob=d.flip_prob, pad=d.pad, erasing_prob=d.erasing_prob)
 
 
+def _tokenizer(model: ReIDModel):
+    return model.text_encoder.tokenize if model.text_encoder is not None else None
+
+
 def _test_loader(cfg: Config, data: ReIDData, model: ReIDModel):
     samples = data.query if data.shared_query_gallery else data.query + data.gallery
     return build_test_loader(samples, data.modalities, _transform(cfg, model, train=False), cfg.data.test_batch_size,
-                             cfg.data.num_workers, cfg.data.cache_images)
+                             cfg.data.num_workers, cfg.data.cache_images, _tokenizer(model))
 
 
 class TrainProgress:
@@ -125,8 +129,12 @@ class TrainProgress:
 # ------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn") -> torch.Tensor:
+def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
+                     modalities: Optional[List[str]] = None) -> torch.Tensor:
     """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
+
+    Args:
+        modalities: compute the features from these modalities only (None = all in the batch).
 
     Raises:
         RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
@@ -134,7 +142,8 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn") 
     model.eval()
     feats, indices = [], []
     for batch in loader:
-        out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
+        images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
+        out = model(images, batch["cam_ids"], batch["view_ids"])
         f = out.bn_feat if feat == "bn" else out.feat
         g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
         feats.append(g["feat"].cpu())
@@ -148,13 +157,32 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn") 
 
 
 def evaluate_model(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config) -> Dict[str, object]:
-    """Rank metrics (percent) of ``model`` on the query / gallery split of ``data``."""
-    feats = extract_features(accelerator, model, loader, cfg.eval.feat)
+    """Rank metrics (percent) of ``model`` on the query / gallery split of ``data``, each side from
+    ``eval.query_modalities`` / ``eval.gallery_modalities``."""
+    qm, gm = eval_modalities(cfg, data)
+    feats = extract_features(accelerator, model, loader, cfg.eval.feat, qm)
+    other = feats if gm == qm else extract_features(accelerator, model, loader, cfg.eval.feat, gm)
     nq = len(data.query)
-    qf, gf = (feats, feats) if data.shared_query_gallery else (feats[:nq], feats[nq:])
+    qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
     q, g = data.query, data.gallery
     return rank_metrics(qf, gf, [s.pid for s in q], [s.pid for s in g], [s.camid for s in q], [s.camid for s in g],
                         metric=cfg.eval.metric, max_rank=cfg.eval.max_rank)
+
+
+def eval_modalities(cfg: Config, data: ReIDData) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """``eval.query_modalities`` / ``eval.gallery_modalities``, canonical and checked (None = all)."""
+    out = []
+    for key in ("query_modalities", "gallery_modalities"):
+        mods = getattr(cfg.eval, key)
+        if mods is None:
+            out.append(None)
+            continue
+        mods = [canonical_modality(m) for m in mods]
+        bad = [m for m in mods if m not in data.modalities]
+        if not mods or bad:
+            raise ValueError(f"eval.{key}={mods}: must be a non-empty subset of data.modalities={data.modalities}")
+        out.append(mods)
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------- outputs, logging
@@ -293,13 +321,14 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
     with accelerator.main_process_first():  # the main process generates the synthetic set first
         data = load_data(cfg.data)
     cfg = resolve_config(cfg, data)
+    eval_modalities(cfg, data)  # a bad eval.*_modalities fails now, not after training
     logger.info("data %s: %s", cfg.data.name, data.summary())
 
     model = build_model(cfg.model, modalities=data.modalities)
     train_loader = build_train_loader(
         data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
         cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
-        cfg.data.cache_images)
+        cfg.data.cache_images, _tokenizer(model))
     sampler = train_loader.batch_sampler
     test_loader = _test_loader(cfg, data, model)
     steps_per_epoch = len(train_loader) // tc.grad_accum
@@ -384,7 +413,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
             "epoch": progress.epoch, "steps": progress.step, "dataset": cfg.data.name,
             "modalities": data.modalities, "backbone": cfg.model.backbone,
             "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
-            "modality_fusion": cfg.model.modality_fusion, "num_query": len(data.query),
+            "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
+            "gallery_modalities": cfg.eval.gallery_modalities, "num_query": len(data.query),
             "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
             "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
@@ -401,6 +431,7 @@ def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
     with accelerator.main_process_first():
         data = load_data(cfg.data)
     cfg = resolve_config(cfg, data)
+    eval_modalities(cfg, data)
     model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities)
     load_model_weights(model, checkpoint)
     test_loader = _test_loader(cfg, data, model)
@@ -410,6 +441,7 @@ def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
     if accelerator.is_main_process:
         result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
             "checkpoint": os.path.abspath(checkpoint), "dataset": cfg.data.name, "modalities": data.modalities,
+            "query_modalities": cfg.eval.query_modalities, "gallery_modalities": cfg.eval.gallery_modalities,
             "backbone": cfg.model.backbone, "num_query": len(data.query), "num_gallery": len(data.gallery),
             "num_processes": accelerator.num_processes, "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .multi_scale import MultiScaleExtractor
 from .sdm import SemanticDisentanglement
+from .text import TextEncoder
 
 NON_IMAGE_MODALITIES = ("text",)
 
@@ -180,9 +181,16 @@ class ReIDModel(nn.Module):
     """
 
     def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
-                 sdm: Optional[SemanticDisentanglement] = None, clip_target: bool = False) -> None:
+                 sdm: Optional[SemanticDisentanglement] = None, clip_target: bool = False,
+                 text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.text_encoder = text_encoder
+        self.text_projector: Optional[nn.Module] = None
+        if text_encoder is not None:
+            f = feat_dim or encoder.feat_dim
+            self.text_projector = nn.Identity() if text_encoder.embed_dim == f else \
+                nn.Linear(text_encoder.embed_dim, f, bias=False)
         self.head = head
         self.modality_fusion = modality_fusion
         self.sdm = sdm
@@ -197,14 +205,23 @@ class ReIDModel(nn.Module):
 
     def forward(self, images: Union[torch.Tensor, Dict[str, torch.Tensor]], cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
-        """images: {modality: [B,3,H,W]} (any subset of ``self.modalities``), or one tensor when the
-        model has a single modality; cam_ids, view_ids: [B] or None."""
+        """images: {modality: [B,3,H,W]} (any non-empty subset of ``self.modalities``; ``text`` as token
+        ids [B, L]), or one tensor when the model has a single modality; cam_ids, view_ids: [B] or None.
+
+        ``encoder`` in the output holds the image modalities only."""
         if isinstance(images, torch.Tensor):
             if len(self.modalities) != 1:
                 raise ValueError(f"the model has modalities {self.modalities}; pass images as a dict keyed by them")
             images = {self.modalities[0]: images}
-        enc = self._encode(images, cam_ids, view_ids)
+        text = images.get("text")
+        image_inputs = {m: x for m, x in images.items() if m != "text"}
+        enc = self._encode(image_inputs, cam_ids, view_ids) if image_inputs else {}
         feats = {m: e.feat for m, e in enc.items()}
+        if text is not None:
+            if self.text_encoder is None:
+                raise ValueError("text given, but the model was built without the text modality (data.modalities)")
+            feats["text"] = self.text_projector(self.text_encoder(text))
+        feats = {m: feats[m] for m in images}  # the caller's order
         feat = self.modality_fusion(feats)
         bn, logits = self.head(feat)
         semantic = self.sdm(feats) if self.sdm is not None else None
@@ -257,10 +274,10 @@ def param_group_of(name: str) -> str:
         return "lora"
     if ".patch_embed.embeds." in name or ".patch_embed.adapters." in name:
         return "tokenizers"
-    if name.startswith("encoder.backbones.") and ".tower." in name:
+    if (name.startswith("encoder.backbones.") and ".tower." in name) or name.startswith("text_encoder."):
         return "backbone"
-    if name.startswith("encoder.projectors.") or (name.startswith("encoder.backbones.") and ".proj." in name
-                                                  and ".tower." not in name):
+    if name.startswith(("encoder.projectors.", "text_projector.")) or (
+            name.startswith("encoder.backbones.") and ".proj." in name and ".tower." not in name):
         return "projections"
     if name.startswith("head."):
         return "head"
@@ -318,8 +335,18 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
     except KeyError as e:
         raise ValueError(f"model.modality_fusion: {e.args[0]}") from None
     sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
+    text = None
+    if "text" in modalities:
+        tc = cfg.text
+        try:
+            text = TextEncoder(tc.arch, tc.pretrained if load_pretrained else None, tc.context_length,
+                               **tc.tower_kwargs)
+        except (ValueError, CheckpointError) as e:
+            raise type(e)(f"model.text: {e}") from None
+        if cfg.freeze_backbone:
+            text.requires_grad_(False)
     return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
-                     clip_target=cfg.clip_consistency.weight > 0)
+                     clip_target=cfg.clip_consistency.weight > 0, text_encoder=text, feat_dim=cfg.feat_dim)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
@@ -336,6 +363,7 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
         parts[f"{t}.multi_scale"] = enc.multi_scale[t] if t in enc.multi_scale else None
         parts[f"{t}.projector"] = enc.projector(t)
     parts["fusion"] = enc.fusion
+    parts["text.projector"] = model.text_projector
     parts["head"] = model.head
     seen: set = set()
 
@@ -347,11 +375,13 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     comps = {name: count(m.parameters() if m is not None else []) for name, m in parts.items()}
     for t, b in enc.backbones.items():  # what is left of each backbone is the tower itself
         comps[f"{t}.tower"] = count(b.parameters())
+    comps["text.tower"] = count(model.text_encoder.parameters() if model.text_encoder is not None else [])
     rest = count(model.parameters())
     if rest["params"]:
         comps["other"] = rest
     order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "projector")]
-    comps = {k: comps[k] for k in order + ["fusion", "head", "other"] if k in comps}
+    comps = {k: comps[k] for k in order + ["text.tower", "text.projector", "fusion", "head", "other"]
+             if k in comps and (comps[k]["params"] or not k.startswith("text."))}
     total = sum(c["params"] for c in comps.values())
     trainable = sum(c["trainable"] for c in comps.values())
     share = {t: comps[f"{t}.multi_scale"]["params"] / max(1, comps[f"{t}.tower"]["params"])
