@@ -71,7 +71,7 @@ def test_clip_consistency_gradient_stays_finite_on_adversarial_inputs(case):
                                             "model.clip_consistency.gradient_flow_ratio=0.5",
                                             "model.clip_consistency.schedule=[[0, 1.0]]"])
     crit = build_criterion({"id": {"weight": 0}, "triplet": {"weight": 0}}, cfg.model.clip_consistency)
-    loss = crit(SimpleNamespace(modality_feats={"rgb": f}, clip_global=c, feat=f), torch.zeros(8))["total"]
+    loss = crit(SimpleNamespace(consistency_feat=f, clip_global=c, feat=f), torch.zeros(8))["total"]
     loss.backward()
     assert torch.isfinite(loss) and loss.item() <= 10.0001  # the worst case, -logsigmoid(-1 / 0.1) = 10.00005
     for g in (f.grad, c.grad):
@@ -83,16 +83,19 @@ def test_clip_consistency_schedule_gradient_flow_and_wiring():
     at = scheduled_weight(0.01, [(0, 0.0), (10, 0.1), (20, 1.0)])
     assert [at(e) for e in (0, 9, 10, 19, 20, 50)] == [0.0, 0.0, pytest.approx(0.001), pytest.approx(0.001), 0.01, 0.01]
     f, c = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
-    ClipConsistencyLoss(gradient_flow_ratio=0.0)(SimpleNamespace(modality_feats={"rgb": f}, clip_global=c),
-                                                 None).backward()
+    ClipConsistencyLoss(gradient_flow_ratio=0.0)(SimpleNamespace(consistency_feat=f, clip_global=c), None).backward()
     assert c.grad is None or c.grad.abs().sum() == 0  # ratio 0: CLIP is a fixed target
-    model, cfg = sdm_model("hybrid", "model.clip_consistency.weight=0.01")
-    out = model({m: torch.randn(2, 3, 64, 32) for m in MODS})
-    assert out.clip_global.shape == (2, 64)
-    crit = build_criterion(cfg.loss, cfg.model.clip_consistency)
-    assert "clip_consistency" not in crit(out, torch.tensor([0, 1]), epoch=0)
-    assert "clip_consistency" in crit(out, torch.tensor([0, 1]), epoch=25)
-    with pytest.raises(ValueError, match="needs a CLIP tower"):
-        sdm_model("vit", "model.clip_consistency.weight=0.01")
+    for backbone in ("clip", "vit", "hybrid"):  # a frozen CLIP beside any backbone
+        model, cfg = sdm_model(backbone, "model.clip_consistency.weight=0.01", "model.feat_dim=48")
+        assert not any("_clip_teacher" in n for n in model.state_dict())  # not saved, not optimised
+        out = model({m: torch.randn(2, 3, 64, 32) for m in MODS})
+        assert out.clip_global.shape == out.consistency_feat.shape == (2, 64)  # tiny CLIP out_dim 64
+        crit = build_criterion(cfg.loss, cfg.model.clip_consistency)
+        assert "clip_consistency" not in crit(out, torch.tensor([0, 1]), epoch=0)
+        losses = crit(out, torch.tensor([0, 1]), epoch=25)
+        losses["clip_consistency"].backward()
+        assert model.consistency_head.weight.grad is not None
+        model.eval()
+        assert model({m: torch.randn(2, 3, 64, 32) for m in MODS}).clip_global is None  # training only
     with pytest.raises(ConfigError, match="gradient_flow_ratio"):
         load_config("configs/tiny.yaml", ["model.clip_consistency.gradient_flow_ratio=2"])

@@ -174,12 +174,15 @@ def test_experts_text_and_any_combination_eval_end_to_end(data_root, tmp_path):
     cfg = load_config(QUICK, tiny_overrides(data_root, out, 2) + [
         "data.modalities=[rgb, nir, tir, text]", "model.mer.enabled=true", "model.tokenizers.enabled=true",
         "model.sdm.enabled=true", "model.sdm.semantic_dim=32", "eval.query_modalities=[nir]",
-        "eval.gallery_modalities=[rgb]"])
+        "eval.gallery_modalities=[rgb]", "model.clip_consistency.weight=0.01",
+        "model.clip_consistency.schedule=[[0, 0.0], [1, 1.0]]"])
     metrics = train(cfg)
     assert metrics["query_modalities"] == ["nir"] and metrics["gallery_modalities"] == ["rgb"]
     assert 0 < metrics["mAP"] <= 100
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert any("loss/sdm" in r for r in steps if r["kind"] == "step")
+    assert not any("loss/clip_consistency" in r for r in steps if r["epoch"] == 1)  # scheduled: off in epoch 1
+    assert any("loss/clip_consistency" in r for r in steps if r["epoch"] == 2)
     state = load_file(str(out / "model.safetensors"))
     assert any("lora_B.nir" in k for k in state) and any(k.startswith("text_encoder.") for k in state)
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),

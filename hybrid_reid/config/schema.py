@@ -111,7 +111,7 @@ class SDMConfig:
 
 @dataclass
 class ClipConsistencyConfig:
-    """CLIP consistency loss (seed 004): the fused feature aligned to CLIP's global RGB feature.
+    """CLIP consistency loss (seed 004): the fused feature aligned to a frozen CLIP's global RGB feature.
 
     Attributes:
         weight: loss weight once fully on (0 = off).
@@ -169,8 +169,8 @@ class ModelConfig:
         mer: per-modality LoRA experts (:class:`MERConfig`).
         sdm: semantic disentanglement module (:class:`SDMConfig`).
         text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
-        clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`); needs a CLIP tower
-            (``clip`` or ``hybrid``).
+        clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`) against a frozen
+            CLIP image tower built from ``model.clip`` (any backbone).
     """
 
     backbone: Literal["clip", "vit", "hybrid"] = "clip"

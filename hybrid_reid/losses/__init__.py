@@ -155,9 +155,10 @@ class RGBAnchoredAlignment(nn.Module):
 class ClipConsistencyLoss(nn.Module):
     """CLIP consistency (seed 004, stabilised): ``-logsigmoid(cos(fused, clip) / max(T, T_min))``.
 
-    ``fused`` is the mean of the modality features, ``clip`` the CLIP tower's feature of the RGB
-    image (``output.clip_global``). Features are clamped to ``[-clamp, clamp]``; only
-    ``gradient_flow_ratio`` of the gradient reaches the CLIP feature. Skipped without a CLIP target.
+    ``fused`` is the mean modality feature mapped into the CLIP space (``output.consistency_feat``),
+    ``clip`` a frozen CLIP tower's feature of the RGB image (``output.clip_global``). Features are
+    clamped to ``[-clamp, clamp]``; only ``gradient_flow_ratio`` of the gradient reaches the CLIP
+    feature. Skipped without a CLIP target (evaluation, or no RGB in the batch).
     """
 
     def __init__(self, temperature: float = 0.1, min_temperature: float = 0.1, clamp: float = 10.0,
@@ -170,7 +171,7 @@ class ClipConsistencyLoss(nn.Module):
         clip = getattr(output, "clip_global", None)
         if clip is None:
             return None
-        fused = torch.stack(list(output.modality_feats.values())).mean(0).float().clamp(-self.clamp, self.clamp)
+        fused = output.consistency_feat.float().clamp(-self.clamp, self.clamp)
         clip = clip.float().clamp(-self.clamp, self.clamp)
         clip = clip * self.ratio + clip.detach() * (1 - self.ratio)
         cos = F.cosine_similarity(fused, clip, dim=-1, eps=1e-6)

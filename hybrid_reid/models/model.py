@@ -56,8 +56,10 @@ class ReIDOutput:
         modality_feats: {modality: [B, F]} each modality's feature in the shared space.
         encoder: {modality: EncoderOutput} per-tower features and tokens of each modality.
         semantic: {modality: [B, S]} SDM semantic features (``model.sdm.enabled``), else None.
-        clip_global: [B, F] the CLIP tower's feature of the RGB image, the target of the CLIP
-            consistency loss (when it is on and RGB is present), else None.
+        clip_global: [B, C] a frozen CLIP image tower's global feature of the RGB image, the target
+            of the CLIP consistency loss (training, loss on, RGB present), else None.
+        consistency_feat: [B, C] the mean modality feature mapped into that CLIP space (the
+            consistency loss's other side), else None.
     """
 
     feat: torch.Tensor
@@ -67,6 +69,7 @@ class ReIDOutput:
     encoder: Dict[str, EncoderOutput] = field(repr=False)
     semantic: Optional[Dict[str, torch.Tensor]] = None
     clip_global: Optional[torch.Tensor] = None
+    consistency_feat: Optional[torch.Tensor] = None
 
 
 class ReIDEncoder(nn.Module):
@@ -181,7 +184,7 @@ class ReIDModel(nn.Module):
     """
 
     def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
-                 sdm: Optional[SemanticDisentanglement] = None, clip_target: bool = False,
+                 sdm: Optional[SemanticDisentanglement] = None, clip_teacher: Optional[Backbone] = None,
                  text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None) -> None:
         super().__init__()
         self.encoder = encoder
@@ -194,10 +197,18 @@ class ReIDModel(nn.Module):
         self.head = head
         self.modality_fusion = modality_fusion
         self.sdm = sdm
-        if clip_target and "clip" not in encoder.backbones:
-            raise ValueError("model.clip_consistency needs a CLIP tower: use model.backbone=clip or hybrid, "
-                             "or set model.clip_consistency.weight=0")
-        self.clip_target = clip_target
+        # The consistency target: a frozen CLIP image tower, kept out of the module tree (not in the
+        # state dict, the optimizer or DDP; it is rebuilt from model.clip.pretrained) and moved lazily.
+        self.consistency_head: Optional[nn.Module] = None
+        object.__setattr__(self, "_clip_teacher", clip_teacher)
+        if clip_teacher is not None:
+            clip_teacher.requires_grad_(False).eval()
+            f = feat_dim or encoder.feat_dim
+            self.consistency_head = nn.Identity() if clip_teacher.out_dim == f else \
+                nn.Linear(f, clip_teacher.out_dim, bias=False)
+            scale = torch.tensor(encoder.std) / torch.tensor(clip_teacher.std)
+            shift = (torch.tensor(encoder.mean) - torch.tensor(clip_teacher.mean)) / torch.tensor(clip_teacher.std)
+            self._teacher_renorm = (scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1))
 
     @property
     def modalities(self) -> List[str]:
@@ -225,9 +236,21 @@ class ReIDModel(nn.Module):
         feat = self.modality_fusion(feats)
         bn, logits = self.head(feat)
         semantic = self.sdm(feats) if self.sdm is not None else None
-        clip_global = enc["rgb"].tower_feats["clip"] if self.clip_target and "rgb" in enc else None
+        clip_global = consistency_feat = None
+        if self._clip_teacher is not None and self.training and "rgb" in images:
+            clip_global = self._teacher_feature(images["rgb"])
+            consistency_feat = self.consistency_head(torch.stack(list(feats.values())).mean(0))
         return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
-                          semantic=semantic, clip_global=clip_global)
+                          semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat)
+
+    @torch.no_grad()
+    def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The frozen CLIP tower's global feature [B, C] of RGB images normalised for this model."""
+        teacher = self._clip_teacher
+        if next(teacher.parameters()).device != rgb.device:
+            teacher.to(rgb.device)
+        scale, shift = (t.to(rgb) for t in self._teacher_renorm)
+        return teacher.embed(rgb * scale + shift).float()
 
     def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
                 view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
@@ -345,8 +368,16 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise type(e)(f"model.text: {e}") from None
         if cfg.freeze_backbone:
             text.requires_grad_(False)
+    teacher = None
+    if cfg.clip_consistency.weight > 0:  # a frozen CLIP beside any backbone (the same file as model.clip)
+        tc = cfg.clip
+        try:
+            teacher = create_backbone("clip", arch=tc.arch, pretrained=tc.pretrained if load_pretrained else None,
+                                      img_size=cfg.img_size, stride=tc.stride, **tc.tower_kwargs)
+        except (ValueError, CheckpointError) as e:
+            raise type(e)(f"model.clip_consistency (its frozen CLIP is built from model.clip): {e}") from None
     return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
-                     clip_target=cfg.clip_consistency.weight > 0, text_encoder=text, feat_dim=cfg.feat_dim)
+                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
