@@ -181,6 +181,10 @@ class ReIDModel(nn.Module):
         encoder: the towers, projected into F and fused.
         head: BNNeck + classifier over the modality-fused feature (width ``modality_fusion.out_dim``).
         modality_fusion: combines the per-modality features.
+        sdm: the semantic disentanglement module, or None.
+        clip_teacher: a frozen CLIP backbone, the CLIP consistency loss's target, or None.
+        text_encoder: the CLIP text tower for the ``text`` modality, or None.
+        feat_dim: F (default: the encoder's).
     """
 
     def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
