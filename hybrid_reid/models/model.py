@@ -72,6 +72,14 @@ class ReIDOutput:
     consistency_feat: Optional[torch.Tensor] = None
 
 
+def renorm_affine(mean_in: Sequence[float], std_in: Sequence[float], mean_out: Sequence[float],
+                  std_out: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` [1,3,1,1] with ``x * scale + shift`` taking images normalised with
+    (mean_in, std_in) to (mean_out, std_out): ``x_out = (x_in * std_in + mean_in - mean_out) / std_out``."""
+    mi, si, mo, so = (torch.tensor(v, dtype=torch.float32) for v in (mean_in, std_in, mean_out, std_out))
+    return (si / so).view(1, 3, 1, 1), ((mi - mo) / so).view(1, 3, 1, 1)
+
+
 class ReIDEncoder(nn.Module):
     """One or more towers projected into the shared space F and fused.
 
@@ -102,10 +110,8 @@ class ReIDEncoder(nn.Module):
                                          for t, b in backbones.items() if t not in self.reused_proj})
         first = next(iter(backbones.values()))
         self.mean, self.std = first.mean, first.std
-        std_in, mean_in = torch.tensor(first.std), torch.tensor(first.mean)
-        for t, b in backbones.items():  # x_t = (x * std_in + mean_in - mean_t) / std_t
-            scale = (std_in / torch.tensor(b.std)).view(1, 3, 1, 1)
-            shift = ((mean_in - torch.tensor(b.mean)) / torch.tensor(b.std)).view(1, 3, 1, 1)
+        for t, b in backbones.items():
+            scale, shift = renorm_affine(first.mean, first.std, b.mean, b.std)
             identity = bool(torch.allclose(scale, torch.ones(1)) and torch.allclose(shift, torch.zeros(1)))
             self.register_buffer(f"_renorm_scale_{t}", None if identity else scale, persistent=False)
             self.register_buffer(f"_renorm_shift_{t}", None if identity else shift, persistent=False)
@@ -210,9 +216,7 @@ class ReIDModel(nn.Module):
             f = feat_dim or encoder.feat_dim
             self.consistency_head = nn.Identity() if clip_teacher.out_dim == f else \
                 nn.Linear(f, clip_teacher.out_dim, bias=False)
-            scale = torch.tensor(encoder.std) / torch.tensor(clip_teacher.std)
-            shift = (torch.tensor(encoder.mean) - torch.tensor(clip_teacher.mean)) / torch.tensor(clip_teacher.std)
-            self._teacher_renorm = (scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1))
+            self._teacher_renorm = renorm_affine(encoder.mean, encoder.std, clip_teacher.mean, clip_teacher.std)
 
     @property
     def modalities(self) -> List[str]:
