@@ -113,6 +113,8 @@ def test_merged_inference_equals_unmerged(backbone):
         merged = model({"nir": images["nir"]}, cams).feat
         with pytest.raises(ValueError, match="merged into the weights"):
             model({"rgb": images["rgb"]}, cams)
+        with pytest.raises(ValueError, match="no LoRA expert for modality 'sketch'"):
+            next(iter(model.encoder.backbones.values())).experts.merge("sketch")
         for b in model.encoder.backbones.values():
             b.experts.unmerge()
         again = model({"nir": images["nir"]}, cams).feat

@@ -172,15 +172,18 @@ class ModalityExperts:
 
     def merge(self, modality: str) -> None:
         """Fold ``modality``'s LoRA into the base weights (zero-overhead inference for it)."""
+        if modality not in self.lora_modalities:
+            raise ValueError(f"no LoRA expert for modality {modality!r} to merge; the tower has {self.lora_modalities}")
         if self.merged == modality:
             return
         if self.merged is not None:
             self.unmerge()
-        for layer in self.lora_layers():
+        for layer in self._lora_layers:
             layer.merge(adapter_names=[modality])
         self.merged = modality
 
     def unmerge(self) -> None:
-        for layer in self.lora_layers():
+        """Restore the base weights after :meth:`merge`."""
+        for layer in self._lora_layers:
             layer.unmerge()
         self.merged = None
