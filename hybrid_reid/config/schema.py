@@ -317,6 +317,8 @@ class EvalConfig:
         query_modalities, gallery_modalities: the modalities the query / gallery features are
             computed from (any non-empty subset of ``data.modalities``, e.g. ``[nir]`` or
             ``[sketch, text]``; null = all). Absent modalities are simply left out.
+        rerank: k-reciprocal re-ranking (Zhong et al. 2017) of the distances, with ``rerank_k1``,
+            ``rerank_k2`` and ``rerank_lambda`` (torchreid's defaults 20, 6, 0.3).
     """
 
     metric: Literal["euclidean", "cosine"] = "euclidean"
@@ -324,6 +326,10 @@ class EvalConfig:
     max_rank: int = 50
     query_modalities: Optional[List[str]] = None
     gallery_modalities: Optional[List[str]] = None
+    rerank: bool = False
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
 
 
 @dataclass

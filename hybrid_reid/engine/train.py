@@ -165,8 +165,10 @@ def evaluate_model(accelerator: Accelerator, model, loader, data: ReIDData, cfg:
     nq = len(data.query)
     qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
     q, g = data.query, data.gallery
+    e = cfg.eval
+    rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
     return rank_metrics(qf, gf, [s.pid for s in q], [s.pid for s in g], [s.camid for s in q], [s.camid for s in g],
-                        metric=cfg.eval.metric, max_rank=cfg.eval.max_rank)
+                        metric=e.metric, max_rank=e.max_rank, rerank=rerank)
 
 
 def eval_modalities(cfg: Config, data: ReIDData) -> Tuple[Optional[List[str]], Optional[List[str]]]:
@@ -414,7 +416,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
             "modalities": data.modalities, "backbone": cfg.model.backbone,
             "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
             "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
-            "gallery_modalities": cfg.eval.gallery_modalities, "num_query": len(data.query),
+            "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "num_query": len(data.query),
             "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
             "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
@@ -442,6 +444,7 @@ def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
         result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
             "checkpoint": os.path.abspath(checkpoint), "dataset": cfg.data.name, "modalities": data.modalities,
             "query_modalities": cfg.eval.query_modalities, "gallery_modalities": cfg.eval.gallery_modalities,
+            "rerank": cfg.eval.rerank,
             "backbone": cfg.model.backbone, "num_query": len(data.query), "num_gallery": len(data.gallery),
             "num_processes": accelerator.num_processes, "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],

@@ -1,13 +1,14 @@
 """Features -> distances -> the numbers a run reports (``metrics.json``)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .rank import evaluate_rank
+from .rerank import re_ranking
 
 
 def compute_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
@@ -26,9 +27,19 @@ def compute_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidea
 
 
 def rank_metrics(qf: torch.Tensor, gf: torch.Tensor, q_pids, g_pids, q_camids, g_camids,
-                 metric: str = "euclidean", max_rank: int = 50) -> Dict[str, object]:
-    """Percent metrics: ``{"mAP", "rank1", "rank5", "rank10", "mINP", "cmc": [max_rank]}``."""
-    r = evaluate_rank(compute_distance(qf, gf, metric), np.asarray(q_pids), np.asarray(g_pids),
+                 metric: str = "euclidean", max_rank: int = 50,
+                 rerank: Optional[Tuple[int, int, float]] = None) -> Dict[str, object]:
+    """Percent metrics: ``{"mAP", "rank1", "rank5", "rank10", "mINP", "cmc": [max_rank]}``.
+
+    ``rerank`` = ``(k1, k2, lambda)`` applies k-reciprocal re-ranking (:func:`re_ranking`) to the
+    distances first.
+    """
+    dist = compute_distance(qf, gf, metric)
+    if rerank is not None:
+        k1, k2, lam = rerank
+        dist = re_ranking(dist.numpy(), compute_distance(qf, qf, metric).numpy(),
+                          compute_distance(gf, gf, metric).numpy(), k1=k1, k2=k2, lambda_value=lam)
+    r = evaluate_rank(dist, np.asarray(q_pids), np.asarray(g_pids),
                       np.asarray(q_camids), np.asarray(g_camids), max_rank=max_rank)
     cmc = r["cmc"]
     at = lambda k: 100.0 * float(cmc[min(k, len(cmc)) - 1])  # noqa: E731
