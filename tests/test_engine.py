@@ -195,3 +195,18 @@ def test_experts_text_and_any_combination_eval_end_to_end(data_root, tmp_path):
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
                    *tiny_overrides(data_root, tmp_path / "ev2", 2), "eval.query_modalities=[sketch]")
     assert r.returncode == 2 and "eval.query_modalities=['sketch']" in r.stderr
+
+
+@pytest.mark.parametrize("fill", ["drop", "zeros"])
+def test_missing_modality_protocol_scores_each_case(trained, data_root, tmp_path, fill):
+    metrics, out = trained["trained"]
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / fill, 8), "eval.protocol=missing", f"eval.missing_fill={fill}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / fill / "metrics.json").read_text())
+    assert ev["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3)  # the full-input numbers stay on top
+    cases = ev["missing"]
+    assert list(cases) == ["r", "n", "t", "rn", "rt", "nt", "average"]
+    assert cases["average"]["mAP"] == pytest.approx(sum(cases[c]["mAP"] for c in list(cases)[:6]) / 6, abs=1e-3)
+    assert cases["average"]["mAP"] < ev["mAP"]  # taking modalities away costs accuracy
+    assert "| missing | mAP |" in r.stderr and "| average |" in r.stderr

@@ -317,6 +317,11 @@ class EvalConfig:
         query_modalities, gallery_modalities: the modalities the query / gallery features are
             computed from (any non-empty subset of ``data.modalities``, e.g. ``[nir]`` or
             ``[sketch, text]``; null = all). Absent modalities are simply left out.
+        protocol: ``market`` (same pid and camera removed per query) or ``missing`` (RGBNT201-style:
+            also every case with some modalities taken away from query and gallery alike, plus
+            their average, under ``metrics.json``'s ``missing``).
+        missing_fill: ``drop`` leaves the taken modalities out; ``zeros`` feeds zero images in
+            their place (after normalisation, as DeMo does).
         rerank: k-reciprocal re-ranking (Zhong et al. 2017) of the distances, with ``rerank_k1``,
             ``rerank_k2`` and ``rerank_lambda`` (torchreid's defaults 20, 6, 0.3).
     """
@@ -326,6 +331,8 @@ class EvalConfig:
     max_rank: int = 50
     query_modalities: Optional[List[str]] = None
     gallery_modalities: Optional[List[str]] = None
+    protocol: Literal["market", "missing"] = "market"
+    missing_fill: Literal["drop", "zeros"] = "drop"
     rerank: bool = False
     rerank_k1: int = 20
     rerank_k2: int = 6

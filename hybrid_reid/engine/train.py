@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -130,11 +130,12 @@ class TrainProgress:
 
 @torch.no_grad()
 def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
-                     modalities: Optional[List[str]] = None) -> torch.Tensor:
+                     modalities: Optional[List[str]] = None, zero: Sequence[str] = ()) -> torch.Tensor:
     """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
 
     Args:
         modalities: compute the features from these modalities only (None = all in the batch).
+        zero: image modalities fed as zeros (after normalisation) instead of their images.
 
     Raises:
         RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
@@ -143,6 +144,7 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
     feats, indices = [], []
     for batch in loader:
         images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
+        images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
         f = out.bn_feat if feat == "bn" else out.feat
         g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
@@ -158,10 +160,50 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
 
 def evaluate_model(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config) -> Dict[str, object]:
     """Rank metrics (percent) of ``model`` on the query / gallery split of ``data``, each side from
-    ``eval.query_modalities`` / ``eval.gallery_modalities``."""
+    ``eval.query_modalities`` / ``eval.gallery_modalities``.
+
+    With ``eval.protocol: missing`` the result also holds ``"missing": {case: metrics, ...,
+    "average": ...}``: for every case (``r``, ``n``, ``t``, ``rn``, ... = the modalities taken away)
+    query and gallery alike lose those modalities (``eval.missing_fill: drop``) or get zeros in
+    their place (``zeros``, after normalisation, as DeMo does)."""
     qm, gm = eval_modalities(cfg, data)
-    feats = extract_features(accelerator, model, loader, cfg.eval.feat, qm)
-    other = feats if gm == qm else extract_features(accelerator, model, loader, cfg.eval.feat, gm)
+    result = _rank(accelerator, model, loader, data, cfg, qm, gm)
+    if cfg.eval.protocol == "missing":
+        cases = {}
+        for removed, present in missing_cases(data.modalities):
+            if cfg.eval.missing_fill == "zeros":
+                zero = [m for m in removed if m != "text"]
+                kept = [m for m in data.modalities if m not in removed or m in zero]
+            else:
+                zero, kept = [], present
+            cases[case_name(removed)] = _rank(accelerator, model, loader, data, cfg, kept, kept, zero)
+        keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
+        cases["average"] = {k: sum(c[k] for c in cases.values()) / len(cases) for k in keys}
+        result["missing"] = {name: {k: c[k] for k in keys} for name, c in cases.items()}
+    return result
+
+
+def missing_cases(modalities: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
+    """``(removed, present)`` for every non-empty proper subset of ``modalities`` removed, by size."""
+    from itertools import combinations
+
+    out = []
+    for k in range(1, len(modalities)):
+        for removed in combinations(modalities, k):
+            out.append((list(removed), [m for m in modalities if m not in removed]))
+    return out
+
+
+def case_name(removed: Sequence[str]) -> str:
+    """RGBNT201's names: ``r``, ``n``, ``t`` for rgb, nir, tir (other modalities by full name)."""
+    short = {"rgb": "r", "nir": "n", "tir": "t"}
+    return "".join(short[m] for m in removed) if all(m in short for m in removed) else "+".join(removed)
+
+
+def _rank(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config, qm: Optional[List[str]],
+          gm: Optional[List[str]], zero: Sequence[str] = ()) -> Dict[str, object]:
+    feats = extract_features(accelerator, model, loader, cfg.eval.feat, qm, zero)
+    other = feats if gm == qm else extract_features(accelerator, model, loader, cfg.eval.feat, gm, zero)
     nq = len(data.query)
     qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
     q, g = data.query, data.gallery
@@ -237,8 +279,23 @@ class RunLog:
             self._write_csv(record)
 
 
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    return {k: _rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def missing_table(missing: Dict[str, Dict[str, float]]) -> str:
+    """The ``missing`` protocol as a Markdown table (one row per case, then the average)."""
+    lines = ["| missing | mAP | R1 | R5 | R10 | mINP |", "|---|---:|---:|---:|---:|---:|"]
+    for name, m in missing.items():
+        lines.append(f"| {name} | {m['mAP']:.2f} | {m['rank1']:.2f} | {m['rank5']:.2f} | {m['rank10']:.2f} | "
+                     f"{m['mINP']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_metrics(path: str, metrics: Dict[str, object], extra: Dict[str, object]) -> Dict[str, object]:
-    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "cmc"}
+    out = {k: _rounded(v) for k, v in metrics.items() if k != "cmc"}
     out.update(extra)
     out["cmc"] = [round(c, 4) for c in metrics.get("cmc", [])]
     write_atomic(path, json.dumps(out, indent=2) + "\n")
@@ -396,7 +453,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
                   **{f"loss/{k}": v for k, v in epoch_losses.items()}}
         if (tc.eval_every and progress.epoch % tc.eval_every == 0) or progress.epoch == tc.epochs:
             metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
-            record.update({k: v for k, v in metrics.items() if k != "cmc"})
+            record.update({k: v for k, v in metrics.items() if k not in ("cmc", "missing")})
         record["epoch_time_s"] = round(time.time() - t0, 3)
         logger.info("epoch %d/%d: loss %.4f%s", progress.epoch, tc.epochs, record["loss"],
                     f"  mAP {record['mAP']:.2f}  rank1 {record['rank1']:.2f}" if "mAP" in record else "")
@@ -421,6 +478,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
             "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
                     result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
+        if "missing" in result:
+            logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -449,5 +508,7 @@ def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
             "num_processes": accelerator.num_processes, "wall_time_s": round(time.time() - t_start, 1)})
         logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
                     result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
+        if "missing" in result:
+            logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
     accelerator.wait_for_everyone()
     return result
