@@ -98,9 +98,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     spec = SynthSpec(ids=args.ids, cams=args.cams, images_per_cam=args.images_per_cam,
                      test_fraction=args.test_fraction, seed=args.seed, size=(args.height, args.width))
-    path = generate(args.out, spec, overwrite=args.force)
+    path = generate(args.out, spec, overwrite=args.force, layout=args.layout)
+    extra = " data.modalities=[rgb]" if args.layout == "market1501" else ""
     print(f"wrote {path} ({spec.ids - spec.num_test} train / {spec.num_test} test identities, {spec.cams} cameras, "
-          f"{spec.images_per_cam} images per identity and camera); use it with data.name=rgbnt201 data.root={args.out}")
+          f"{spec.images_per_cam} images per identity and camera); use it with data.name={args.layout} "
+          f"data.root={args.out}{extra}")
     return 0
 
 
@@ -133,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides")
     ev.set_defaults(func=cmd_eval)
 
-    sy = sub.add_parser("synth", help="write the synthetic multi-modal data set (RGBNT201 layout)")
-    sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/")
+    sy = sub.add_parser("synth", help="write the synthetic data set in a release's layout")
+    sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/ (or Market-1501-v15.09.15/)")
     sy.add_argument("--ids", type=int, default=100, help="identities (train + test)")
     sy.add_argument("--cams", type=int, default=4, help="cameras (2..9)")
     sy.add_argument("--seed", type=int, default=0)
@@ -142,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--test-fraction", type=float, default=0.3, help="share of identities in the test split")
     sy.add_argument("--height", type=int, default=128)
     sy.add_argument("--width", type=int, default=64)
-    sy.add_argument("--force", action="store_true", help="replace an existing OUT/RGBNT201")
+    sy.add_argument("--layout", default="rgbnt201", choices=["rgbnt201", "market1501"],
+                    help="the release layout to write (rgbnt201: RGB+NIR+TIR+captions; market1501: RGB)")
+    sy.add_argument("--force", action="store_true", help="replace an existing set")
     sy.set_defaults(func=cmd_synth)
 
     info = sub.add_parser("info", help="parameters per component and patch grids (no weights loaded)")

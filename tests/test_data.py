@@ -177,3 +177,25 @@ def test_dataset_cache_gives_the_same_tensors(synth_root):
         assert set(x["images"]) == set(MODS) and x["images"]["rgb"].shape == (3, 32, 16)
         assert all(torch.equal(x["images"][m], y["images"][m]) for m in MODS)
         assert (x["pids"], x["cam_ids"], x["indices"]) == (y["pids"], y["cam_ids"], i)
+
+
+def test_market1501_layout_parses_like_torchreid(tmp_path):
+    from hybrid_reid.data.datasets import Market1501
+
+    spec = SynthSpec(ids=12, cams=3, images_per_cam=2, seed=3, size=(64, 32))
+    generate(str(tmp_path), spec, layout="market1501")
+    data = Market1501.load(str(tmp_path), ["rgb"])
+    n_test, n_train = spec.num_test, spec.ids - spec.num_test
+    assert data.num_train_pids == n_train and len(data.train) == n_train * 3 * 2
+    assert len(data.query) == n_test * 3  # the first image of every test identity and camera
+    assert len(data.gallery) == n_test * 3 * 1 + 2  # the rest, plus 2 distractors; the 2 junk images dropped
+    assert {s.pid for s in data.gallery} - {s.pid for s in data.query} == {0}
+    assert all(0 <= s.camid < 3 for s in data.query + data.gallery) and data.num_cams == 3
+    assert Market1501.load(str(tmp_path / "Market-1501-v15.09.15"), ["vis"]).modalities == ["rgb"]  # folders directly
+    with pytest.raises(DataError, match="has only the rgb modality"):
+        Market1501.load(str(tmp_path), ["rgb", "nir"])
+    shutil.rmtree(tmp_path / "Market-1501-v15.09.15" / "query")
+    with pytest.raises(DataError, match="query is missing"):
+        Market1501.load(str(tmp_path), ["rgb"])
+    with pytest.raises(DataError, match="has no bounding_box_train"):
+        Market1501.load(str(tmp_path / "nowhere"), ["rgb"])

@@ -210,3 +210,16 @@ def test_missing_modality_protocol_scores_each_case(trained, data_root, tmp_path
     assert cases["average"]["mAP"] == pytest.approx(sum(cases[c]["mAP"] for c in list(cases)[:6]) / 6, abs=1e-3)
     assert cases["average"]["mAP"] < ev["mAP"]  # taking modalities away costs accuracy
     assert "| missing | mAP |" in r.stderr and "| average |" in r.stderr
+
+
+def test_single_modality_market1501_runs_through_the_same_model(tmp_path):
+    from hybrid_reid.data import SynthSpec, generate
+
+    generate(str(tmp_path / "data"), SynthSpec(ids=24, cams=3, images_per_cam=2, size=(64, 32)), layout="market1501")
+    r = run_python("run.py", "train", "--config", QUICK, "data.name=market1501", f"data.root={tmp_path / 'data'}",
+                   "data.modalities=[rgb]", "data.batch_size=16", "data.num_instances=2", "train.epochs=2",
+                   "train.warmup_epochs=1", f"output_dir={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["dataset"] == "market1501" and m["modalities"] == ["rgb"] and 0 < m["mAP"] <= 100
+    assert m["num_query"] == 7 * 3 and m["num_gallery"] == 7 * 3 + 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -209,6 +210,64 @@ class RGBNT201:
                                     f"({os.path.join(split_dir, name)})")
                 text = captions[pid]
             samples.append(Sample(paths, pid, camid, text=text))
+        return samples
+
+
+@DATASETS.register("market1501")
+class Market1501:
+    """Market-1501: ``{bounding_box_train,query,bounding_box_test}/<pid>_c<cam>s<seq>_*.jpg``, RGB only.
+
+    ``data.root`` may hold the three folders directly, or under ``Market-1501-v15.09.15/``,
+    ``market1501/`` or ``market1501/Market-1501-v15.09.15/`` (torchreid's layout). Junk images
+    (pid -1) are dropped, distractors (pid 0) stay in the gallery, camera = the digit after ``c``
+    minus 1, training pids are relabelled — as torchreid and fast-reid read it.
+    """
+
+    subdirs = ("", "Market-1501-v15.09.15", "market1501", os.path.join("market1501", "Market-1501-v15.09.15"))
+    splits = ("bounding_box_train", "query", "bounding_box_test")
+    pattern = re.compile(r"([-\d]+)_c(\d)")
+
+    @classmethod
+    def from_config(cls, cfg) -> ReIDData:
+        if not cfg.root:
+            raise DataError("data.root is not set: point it at the folder that contains Market-1501-v15.09.15/ "
+                            "(or bounding_box_train/, query/, bounding_box_test/)")
+        return cls.load(cfg.root, cfg.modalities)
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+        mods = [canonical_modality(m) for m in modalities]
+        if mods != ["rgb"]:
+            raise DataError(f"market1501 has only the rgb modality; set data.modalities=[rgb] (got {mods})")
+        base = next((os.path.join(root, d) for d in cls.subdirs
+                     if os.path.isdir(os.path.join(root, d, "bounding_box_train"))), None)
+        if base is None:
+            raise DataError(f"data.root={root!r} has no bounding_box_train/ (looked in "
+                            f"{', '.join(os.path.join(root, d) or root for d in cls.subdirs)}); extract "
+                            "Market-1501-v15.09.15.zip there")
+        train, query, gallery = (cls._read(base, split) for split in cls.splits)
+        train = relabel(train)
+        for split_samples in (train, query, gallery):
+            check_readable(split_samples)
+        num_cams = max(s.camid for s in train + query + gallery) + 1
+        return ReIDData(train=train, query=query, gallery=gallery, modalities=["rgb"], num_cams=num_cams)
+
+    @classmethod
+    def _read(cls, base: str, split: str) -> List[Sample]:
+        d = os.path.join(base, split)
+        if not os.path.isdir(d):
+            raise DataError(f"{d} is missing; Market-1501 has {', '.join(cls.splits)}")
+        samples = []
+        for name in sorted(f for f in os.listdir(d) if f.lower().endswith(".jpg")):
+            m = cls.pattern.search(name)
+            if m is None:
+                raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected <pid>_c<cam>s*.jpg")
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if pid == -1:
+                continue  # junk
+            samples.append(Sample({"rgb": os.path.join(d, name)}, pid, cam - 1))
+        if not samples:
+            raise DataError(f"{d} has no images: the {split!r} split is empty")
         return samples
 
 

@@ -143,18 +143,27 @@ def _render(codes, build, cam, jitter, size, rng) -> Tuple[np.ndarray, np.ndarra
     return to_u8(rgb), to_u8(nir), to_u8(tir)
 
 
-def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -> str:
-    """Write the synthetic set to ``out/RGBNT201`` (atomically: a temp folder, then a rename).
+LAYOUTS = {"rgbnt201": "RGBNT201", "market1501": "Market-1501-v15.09.15"}
+
+
+def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, layout: str = "rgbnt201") -> str:
+    """Write the synthetic set to ``out/<folder>`` (atomically: a temp folder, then a rename).
 
     Args:
-        out: the folder that will contain ``RGBNT201/`` (what ``data.root`` points to).
+        out: the folder that will contain the data set's folder (what ``data.root`` points to).
         spec: the generator's parameters.
-        overwrite: replace an existing ``out/RGBNT201``.
+        overwrite: replace an existing set.
+        layout: ``rgbnt201`` (``RGBNT201/``, RGB + NIR + TIR, captions) or ``market1501``
+            (``Market-1501-v15.09.15/``, RGB only: the first image of every test identity and camera
+            is a query, the rest gallery, plus junk (pid -1) and distractor (pid 0) images).
 
     Returns:
-        The path of the written ``RGBNT201`` folder.
+        The path of the written folder.
     """
-    target = os.path.join(out, "RGBNT201")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    folder = LAYOUTS[layout]
+    target = os.path.join(out, folder)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists; pass --force (overwrite=True) to replace it")
     os.makedirs(out, exist_ok=True)
@@ -166,20 +175,23 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -
                  scale=rng.uniform(0.78, 0.95), dx=rng.uniform(-0.08, 0.08), dy=rng.uniform(0.01, 0.08))
             for _ in range(spec.cams)]
     test_ids = set(rng.choice(spec.ids, size=spec.num_test, replace=False).tolist())
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-RGBNT201-")
+    tmp = tempfile.mkdtemp(dir=out, prefix=f".tmp-{folder}-")
     try:
-        for split in ("train_171", "test"):
-            for d in MODALITY_DIRS:
-                os.makedirs(os.path.join(tmp, split, d))
         for pid in range(spec.ids):
-            split = "test" if pid in test_ids else "train_171"
             for c in range(spec.cams):
                 for k in range(spec.images_per_cam):
                     jitter = rng.uniform([-0.05, -0.05, -0.03], [0.05, 0.05, 0.03])
                     images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng)
-                    name = f"{pid + 1:06d}_cam{c + 1}_{k:02d}.jpg"
-                    for d, img in zip(MODALITY_DIRS, images):
-                        Image.fromarray(img).save(os.path.join(tmp, split, d, name), quality=92)
+                    for path, img in _layout_files(layout, pid, c, k, pid in test_ids, images):
+                        os.makedirs(os.path.join(tmp, os.path.dirname(path)), exist_ok=True)
+                        Image.fromarray(img).save(os.path.join(tmp, path), quality=92)
+        if layout == "market1501":  # what the real gallery also holds: junk (-1) and distractors (0)
+            for j, pid in enumerate((-1, -1, 0, 0)):
+                noise = rng.uniform(0, 255, (*spec.size, 3)).astype(np.uint8)
+                name = f"{pid:04d}_c{j % spec.cams + 1}s1_{j:06d}_00.jpg" if pid >= 0 else \
+                    f"-1_c{j % spec.cams + 1}s1_{j:06d}_00.jpg"
+                os.makedirs(os.path.join(tmp, "bounding_box_test"), exist_ok=True)
+                Image.fromarray(noise).save(os.path.join(tmp, "bounding_box_test", name), quality=92)
         meta = dict(asdict(spec), size=list(spec.size), version=GENERATOR_VERSION, codes=codes.tolist(),
                     test_ids=sorted(test_ids))
         with open(os.path.join(tmp, "synth.json"), "w") as f:
@@ -192,8 +204,18 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote synthetic RGBNT201 (%d identities, %d cameras) to %s", spec.ids, spec.cams, target)
+    logger.info("wrote synthetic %s (%d identities, %d cameras) to %s", folder, spec.ids, spec.cams, target)
     return target
+
+
+def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images):
+    """``(relative path, image)`` pairs one rendered sample becomes in ``layout``."""
+    if layout == "market1501":
+        split = ("query" if k == 0 else "bounding_box_test") if test else "bounding_box_train"
+        return [(os.path.join(split, f"{pid + 1:04d}_c{cam + 1}s1_{k:06d}_00.jpg"), images[0])]
+    split = "test" if test else "train_171"
+    name = f"{pid + 1:06d}_cam{cam + 1}_{k:02d}.jpg"
+    return [(os.path.join(split, d, name), img) for d, img in zip(MODALITY_DIRS, images)]
 
 
 def ensure_generated(root: str, spec: SynthSpec) -> str:
