@@ -18,7 +18,7 @@ from typing import List, Optional
 from .config import ConfigError, load_config
 from .data import DataError, canonical_modality
 from .models import CheckpointError, build_model, parameter_summary
-from .models.model import PARAM_GROUPS
+from .models.model import group_learning_rates
 
 
 def _fmt_int(n: int) -> str:
@@ -30,12 +30,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     modalities = [canonical_modality(m) for m in cfg.data.modalities]
     model = build_model(cfg.model, load_pretrained=False, modalities=modalities)
     summary = parameter_summary(model)
-    unknown = [g for g in cfg.optim.group_lr if g not in PARAM_GROUPS]
-    if unknown:
-        raise ValueError(f"optim.group_lr: unknown group {unknown[0]!r}; groups are {list(PARAM_GROUPS)}")
-    lr = cfg.optim.group_lr
-    summary["param_groups"] = {g: {"params": sum(p.numel() for _, p in ps), "lr": lr.get(g, cfg.optim.lr)}
-                               for g, ps in model.param_groups().items()}
+    groups = model.param_groups()
+    lrs = group_learning_rates(list(groups), cfg.optim.lr, cfg.optim.group_lr)
+    summary["param_groups"] = {g: {"params": sum(p.numel() for _, p in ps), "lr": lrs[g]} for g, ps in groups.items()}
     if args.json:
         summary["backbone"] = cfg.model.backbone
         summary["fusion"] = cfg.model.fusion if len(cfg.model.towers) > 1 else None

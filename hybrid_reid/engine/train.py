@@ -43,6 +43,7 @@ from ..data import PairedTransform, ReIDData, build_test_loader, build_train_loa
 from ..evaluation import rank_metrics
 from ..losses import build_criterion
 from ..models import ReIDModel, build_model, load_model_weights
+from ..models.model import group_learning_rates
 from ..utils import atomic_path, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -68,14 +69,13 @@ def resolve_config(cfg: Config, data: ReIDData) -> Config:
 def build_optimizer(model: ReIDModel, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the model's named parameter groups; no weight decay on 1-d parameters and embeddings."""
     groups = model.param_groups()
-    unknown = [g for g in cfg.group_lr if g not in groups]
-    if unknown:
-        raise ValueError(f"optim.group_lr: unknown group {unknown[0]!r}; groups are {list(groups)}")
+    lrs = group_learning_rates(list(groups), cfg.lr, cfg.group_lr)
     param_groups = []
     for name, params in groups.items():
-        lr = cfg.group_lr.get(name, cfg.lr)
-        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES)]
-        no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES))]
+        decays = [p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES) for n, p in params]
+        decay = [p for (_, p), d in zip(params, decays) if d]
+        no_decay = [p for (_, p), d in zip(params, decays) if not d]
+        lr = lrs[name]
         for suffix, ps, wd in (("", decay, cfg.weight_decay), (".no_decay", no_decay, 0.0)):
             if ps:
                 param_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
@@ -252,8 +252,7 @@ class RunLog:
             return
         with open(jsonl) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        keep = [r for r in records if r.get("epoch", 0) <= done_epochs and
-                not (r.get("kind") == "step" and r.get("epoch", 0) > done_epochs)]
+        keep = [r for r in records if r.get("epoch", 0) <= done_epochs]
         write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         if os.path.exists(csv_path):
             os.remove(csv_path)
@@ -300,6 +299,24 @@ def write_metrics(path: str, metrics: Dict[str, object], extra: Dict[str, object
     out["cmc"] = [round(c, 4) for c in metrics.get("cmc", [])]
     write_atomic(path, json.dumps(out, indent=2) + "\n")
     return out
+
+
+def report_metrics(cfg: Config, data: ReIDData, accelerator: Accelerator, metrics: Dict[str, object],
+                   t_start: float, **extra: object) -> Dict[str, object]:
+    """Write ``OUTPUT_DIR/metrics.json`` (the metrics, ``extra`` and the run's facts) and log it."""
+    path = os.path.join(cfg.output_dir, "metrics.json")
+    result = write_metrics(path, metrics, {
+        **extra, "dataset": cfg.data.name, "modalities": data.modalities, "backbone": cfg.model.backbone,
+        "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
+        "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
+        "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "num_query": len(data.query),
+        "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
+        "wall_time_s": round(time.time() - t_start, 1)})
+    logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
+                result["rank5"], result["mINP"], path)
+    if "missing" in result:
+        logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
+    return result
 
 
 def _checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
@@ -468,18 +485,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
         with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
             save_file(state, tmp)
-        result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
-            "epoch": progress.epoch, "steps": progress.step, "dataset": cfg.data.name,
-            "modalities": data.modalities, "backbone": cfg.model.backbone,
-            "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
-            "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
-            "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "num_query": len(data.query),
-            "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
-            "wall_time_s": round(time.time() - t_start, 1)})
-        logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
-                    result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
-        if "missing" in result:
-            logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
+        result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -500,15 +506,6 @@ def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
     metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
     result: Dict[str, object] = {}
     if accelerator.is_main_process:
-        result = write_metrics(os.path.join(cfg.output_dir, "metrics.json"), metrics, {
-            "checkpoint": os.path.abspath(checkpoint), "dataset": cfg.data.name, "modalities": data.modalities,
-            "query_modalities": cfg.eval.query_modalities, "gallery_modalities": cfg.eval.gallery_modalities,
-            "rerank": cfg.eval.rerank,
-            "backbone": cfg.model.backbone, "num_query": len(data.query), "num_gallery": len(data.gallery),
-            "num_processes": accelerator.num_processes, "wall_time_s": round(time.time() - t_start, 1)})
-        logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
-                    result["rank5"], result["mINP"], os.path.join(cfg.output_dir, "metrics.json"))
-        if "missing" in result:
-            logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
+        result = report_metrics(cfg, data, accelerator, metrics, t_start, checkpoint=os.path.abspath(checkpoint))
     accelerator.wait_for_everyone()
     return result

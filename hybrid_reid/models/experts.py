@@ -149,10 +149,6 @@ class ModalityExperts:
                 p.requires_grad_(trainable.get(n.replace(".base_layer", ""), True))
 
     # ------------------------------------------------------------------------------------- routing
-    def lora_layers(self) -> List[nn.Module]:
-        """The peft LoRA layers injected into the tower."""
-        return list(self._lora_layers)
-
     def activate(self, modality: Optional[str]) -> None:
         """Route the next forward through ``modality``'s tokenizer and LoRA adapter."""
         if self.tokenizer is not None:

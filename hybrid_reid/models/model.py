@@ -299,6 +299,14 @@ class ReIDModel(nn.Module):
 PARAM_GROUPS = ("backbone", "lora", "tokenizers", "projections", "head", "other")
 
 
+def group_learning_rates(groups: Sequence[str], lr: float, group_lr: Dict[str, float]) -> Dict[str, float]:
+    """``{group: lr}``: ``group_lr`` (``optim.group_lr``) where given, else ``lr``; an unknown group is an error."""
+    unknown = [g for g in group_lr if g not in groups]
+    if unknown:
+        raise ValueError(f"optim.group_lr: unknown group {unknown[0]!r}; groups are {list(groups)}")
+    return {g: group_lr.get(g, lr) for g in groups}
+
+
 def param_group_of(name: str) -> str:
     """The :meth:`ReIDModel.param_groups` group of a parameter name."""
     if "lora_" in name:
