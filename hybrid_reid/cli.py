@@ -1,7 +1,11 @@
 """Command line of ``run.py`` (also through ``accelerate launch run.py ...`` and ``torchrun ... run.py ...``).
 
     python run.py train --config configs/quickstart.yaml [--resume [PATH]] [train.epochs=10 ...]
-    python run.py eval  --config configs/quickstart.yaml --checkpoint outputs/quickstart/model.safetensors
+    python run.py eval  --config configs/quickstart.yaml --checkpoint outputs/quickstart/model.safetensors \
+                        [--save-features feats.safetensors]
+    python run.py extract --config outputs/quickstart/config.yaml --checkpoint outputs/quickstart/model.safetensors \
+                          --images DIR [--modality nir] [--out features.safetensors]
+    python run.py visualize --config configs/quickstart.yaml --checkpoint outputs/quickstart/model.safetensors
     python run.py synth --out data/synthetic [--ids 100 --cams 4 --seed 0]
     python run.py info  --config configs/hybrid.yaml [--json] [model.fusion=gated ...]
     python run.py bench backbone [--batch 8 --reps 10]
@@ -17,6 +21,7 @@ from typing import List, Optional
 
 from .config import ConfigError, load_config
 from .data import DataError, canonical_modality
+from .data.synth import LAYOUTS
 from .models import CheckpointError, build_model, parameter_summary
 from .models.model import group_learning_rates
 
@@ -86,7 +91,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
     cfg = load_config(args.config, args.overrides)
-    evaluate(cfg, args.checkpoint)
+    evaluate(cfg, args.checkpoint, save_features_to=args.save_features)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .engine.extract import extract_folder
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or os.path.join(cfg.output_dir, "features.safetensors")
+    r = extract_folder(cfg, args.checkpoint, args.images, out, modality=args.modality, cam=args.cam)
+    print(f"{r['num_images']} samples ({'+'.join(r['modalities'])}) -> {r['dim']}-d features in {r['out']}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or os.path.join(cfg.output_dir, "visualize")
+    written = visualize(cfg, args.checkpoint, out, num_queries=args.queries, topk=args.topk, max_sets=args.max_sets)
+    for kind, paths in written.items():
+        for path in paths:
+            print(f"{kind}: {path}")
     return 0
 
 
@@ -96,7 +123,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(ids=args.ids, cams=args.cams, images_per_cam=args.images_per_cam,
                      test_fraction=args.test_fraction, seed=args.seed, size=(args.height, args.width))
     path = generate(args.out, spec, overwrite=args.force, layout=args.layout)
-    extra = " data.modalities=[rgb]" if args.layout == "market1501" else ""
+    extra = {"market1501": " data.modalities=[rgb]", "msvr310": " eval.protocol=msvr310",
+             "orbench": " data.modalities=[rgb,nir,cpencil,sketch,text] model.modality_fusion=mean "
+                        "eval.protocol=orbench"}.get(args.layout, "")
     print(f"wrote {path} ({spec.ids - spec.num_test} train / {spec.num_test} test identities, {spec.cams} cameras, "
           f"{spec.images_per_cam} images per identity and camera); use it with data.name={args.layout} "
           f"data.root={args.out}{extra}")
@@ -129,11 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a trained model; writes OUTPUT_DIR/metrics.json")
     ev.add_argument("--config", required=True, help="the YAML config the model was trained with")
     ev.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    ev.add_argument("--save-features", default=None, metavar="FILE",
+                    help="also write the query / gallery features, pids, camids and paths (.safetensors or .npz)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides")
     ev.set_defaults(func=cmd_eval)
 
+    ex = sub.add_parser("extract", help="embed a folder of images with a trained model")
+    ex.add_argument("--config", required=True, help="the run's OUTPUT_DIR/config.yaml (or its training config)")
+    ex.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    ex.add_argument("--images", required=True,
+                    help="a folder of images (searched recursively), or one with modality sub-folders (RGB/ NI/ TI/, "
+                         "vis/ nir/ ...) paired by file name")
+    ex.add_argument("--modality", default=None, help="the modality of a plain folder's images (default: the "
+                                                     "model's first)")
+    ex.add_argument("--cam", type=int, default=0, help="camera id given to the camera embedding (default 0)")
+    ex.add_argument("--out", default=None, help="output .safetensors / .npz (default OUTPUT_DIR/features.safetensors)")
+    ex.add_argument("overrides", nargs="*", help="dotted overrides")
+    ex.set_defaults(func=cmd_extract)
+
+    vi = sub.add_parser("visualize", help="CMC curve, rank lists and t-SNE PNGs of a trained model")
+    vi.add_argument("--config", required=True, help="the YAML config the model was trained with")
+    vi.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    vi.add_argument("--out", default=None, help="output folder (default OUTPUT_DIR/visualize)")
+    vi.add_argument("--queries", type=int, default=6, help="queries per rank list (evenly spread)")
+    vi.add_argument("--topk", type=int, default=10, help="gallery items per query")
+    vi.add_argument("--max-sets", type=int, default=4, help="rank lists for at most this many query sets")
+    vi.add_argument("overrides", nargs="*", help="dotted overrides")
+    vi.set_defaults(func=cmd_visualize)
+
     sy = sub.add_parser("synth", help="write the synthetic data set in a release's layout")
-    sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/ (or Market-1501-v15.09.15/)")
+    sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/ (or the --layout's folder); "
+                                                 "the data.root to use")
     sy.add_argument("--ids", type=int, default=100, help="identities (train + test)")
     sy.add_argument("--cams", type=int, default=4, help="cameras (2..9)")
     sy.add_argument("--seed", type=int, default=0)
@@ -141,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--test-fraction", type=float, default=0.3, help="share of identities in the test split")
     sy.add_argument("--height", type=int, default=128)
     sy.add_argument("--width", type=int, default=64)
-    sy.add_argument("--layout", default="rgbnt201", choices=["rgbnt201", "market1501"],
-                    help="the release layout to write (rgbnt201: RGB+NIR+TIR+captions; market1501: RGB)")
+    sy.add_argument("--layout", default="rgbnt201", choices=list(LAYOUTS),
+                    help="the release layout to write (rgbnt201: RGB+NIR+TIR+captions; market1501: RGB; "
+                         "rgbnt100: RGB|NI|TI in one jpg; msvr310: vis/ni/th with scenes; orbench: "
+                         "vis/nir/cp/sk + captions and query sets)")
     sy.add_argument("--force", action="store_true", help="replace an existing set")
     sy.set_defaults(func=cmd_synth)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -40,14 +40,52 @@ class DataError(ValueError):
 
 
 class Sample(NamedTuple):
-    """One multi-modal sample: ``paths[modality]`` (images), identity, camera (0-based), view and
-    caption (the ``text`` modality, or None)."""
+    """One multi-modal sample.
+
+    Attributes:
+        paths: ``{modality: image file}`` for the image modalities it has.
+        pid, camid, viewid: identity, camera (0-based) and view.
+        text: the caption (the ``text`` modality), or None.
+        sceneid: the scene (MSVR310; -1 elsewhere), for ``eval.protocol: msvr310``.
+        crops: ``{modality: (part, parts)}``: the modality is part ``part`` of ``parts`` equal-width
+            strips of its file (RGBNT100 stores RGB | NI | TI side by side in one jpg).
+        pools: ``{modality: files}``: unpaired modalities (ORBench) whose image is drawn from these
+            files of the same identity at every training step; ``paths`` holds the first one,
+            which evaluation uses.
+    """
 
     paths: Dict[str, str]
     pid: int
     camid: int
     viewid: int = 0
     text: Optional[str] = None
+    sceneid: int = -1
+    crops: Optional[Dict[str, Tuple[int, int]]] = None
+    pools: Optional[Dict[str, Tuple[str, ...]]] = None
+
+    @property
+    def modalities(self) -> List[str]:
+        """The modalities this sample has (image modalities, then ``text`` when captioned)."""
+        return list(self.paths) + (["text"] if self.text is not None else [])
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def open_image(path: str, crop: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """The image at ``path`` as RGB; ``crop = (part, parts)`` takes that equal-width vertical strip."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if crop is not None:
+        part, parts = crop
+        w = im.width // parts
+        im = im.crop((part * w, 0, (part + 1) * w, im.height))
+    return im
+
+
+def list_images(folder: str) -> List[str]:
+    """Image file names in ``folder``, sorted."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 @dataclass
@@ -60,6 +98,11 @@ class ReIDData:
         modalities: the modalities each sample has a path for.
         num_cams: cameras over all splits (camids are 0..num_cams-1).
         num_views: views (0 when the data set has none).
+        query_sets: ``{name: samples}`` several query sets, each with its own modalities, against
+            one gallery (ORBench: ``"nir"``, ``"cpencil+sketch+text"``, ...); ``query`` is then the
+            first of them. None for data sets with one query set.
+        name: the data set's name (``data.name``), for messages and tables.
+        protocol: the evaluation protocol its papers use (``eval.protocol``).
     """
 
     train: List[Sample]
@@ -68,6 +111,9 @@ class ReIDData:
     modalities: List[str]
     num_cams: int
     num_views: int = 0
+    query_sets: Optional[Dict[str, List[Sample]]] = None
+    name: str = ""
+    protocol: str = "market"
 
     @property
     def num_train_pids(self) -> int:
@@ -77,12 +123,45 @@ class ReIDData:
     def shared_query_gallery(self) -> bool:
         return self.query is self.gallery
 
-    def summary(self) -> str:
-        rows = [("train", self.train), ("query", self.query)]
+    def splits(self) -> List[Tuple[str, List[Sample]]]:
+        """``(name, samples)`` of every split: train, query (or each query set), gallery."""
+        rows = [("train", self.train)]
+        if self.query_sets is not None:
+            rows += [(f"query {n}", q) for n, q in self.query_sets.items()]
+        else:
+            rows.append(("query" if not self.shared_query_gallery else "query = gallery", self.query))
         if not self.shared_query_gallery:
             rows.append(("gallery", self.gallery))
-        parts = [f"{n}: {len({s.pid for s in ss})} ids / {len(ss)} samples" for n, ss in rows]
+        return rows
+
+    def summary(self) -> str:
+        """One line: ids and samples per split, cameras, modalities."""
+        parts = [f"{n}: {len({s.pid for s in ss})} ids / {len(ss)} samples" for n, ss in self.splits()]
         return f"{', '.join(parts)}; cameras {self.num_cams}; modalities {self.modalities}"
+
+    def summary_table(self) -> str:
+        """The peers' statistics table: ids, samples and cameras per split, and images per modality
+        (for an unpaired modality: the distinct files it draws from)."""
+        rows = []
+        for name, ss in self.splits():
+            counts = []
+            for m in self.modalities:
+                if m == "text":
+                    counts.append(sum(s.text is not None for s in ss))
+                    continue
+                files = set()
+                for s in ss:
+                    if m in s.paths:
+                        files.update(s.pools[m] if s.pools and m in s.pools else (s.paths[m],))
+                counts.append(len(files))
+            rows.append([name, len({s.pid for s in ss}), len(ss), len({s.camid for s in ss}), *counts])
+        header = ["subset", "# ids", "# samples", "# cameras", *[f"# {m}" for m in self.modalities]]
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        fmt = lambda r: "  " + " | ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
+                                          for i, (v, w) in enumerate(zip(r, widths)))
+        rule = "  " + "-" * (sum(widths) + 3 * (len(widths) - 1))
+        return "\n".join([f"=> {self.name or 'data set'} loaded", "Dataset statistics:", rule, fmt(header), rule,
+                          *[fmt(r) for r in rows], rule])
 
 
 DATASETS: Registry = Registry("data set")
@@ -90,14 +169,19 @@ DATASETS: Registry = Registry("data set")
 
 def check_readable(samples: Sequence[Sample]) -> None:
     """Open every image's header (fast, no decoding); raise :class:`DataError` naming the first bad file."""
+    seen = set()
     for s in samples:
-        for path in s.paths.values():
-            try:
-                with Image.open(path) as im:
-                    im.size  # noqa: B018 - reading the header is the check
-            except Exception as e:  # PIL raises several types for a bad file
-                raise DataError(f"unreadable image {path}: {type(e).__name__}: {e}; "
-                                "re-extract or delete the file") from None
+        for m, path in s.paths.items():
+            for p in (s.pools[m] if s.pools and m in s.pools else (path,)):
+                if p in seen:
+                    continue
+                seen.add(p)
+                try:
+                    with Image.open(p) as im:
+                        im.size  # noqa: B018 - reading the header is the check
+                except Exception as e:  # PIL raises several types for a bad file
+                    raise DataError(f"unreadable image {p}: {type(e).__name__}: {e}; "
+                                    "re-extract or delete the file") from None
 
 
 def relabel(samples: List[Sample]) -> List[Sample]:
@@ -134,13 +218,8 @@ class RGBNT201:
         if not os.path.isdir(base):
             raise DataError(f"data.root={root!r} has no {cls.folder}/ folder; download {cls.folder} and set "
                             f"data.root to the folder that contains it (or use data.name=synthetic)")
-        mods = [canonical_modality(m) for m in modalities]
-        for m in mods:
-            if m not in cls.modality_dirs and m != "text":
-                raise DataError(f"{cls.folder} has no modality {m!r}; it has {list(cls.modality_dirs) + ['text']}")
+        mods = check_modalities(cls.folder, modalities, [*cls.modality_dirs, "text"])
         image_mods = [m for m in mods if m != "text"]
-        if not image_mods:
-            raise DataError(f"data.modalities={mods}: {cls.folder} samples are images; add at least one image modality")
         captions = cls._read_captions(base) if "text" in mods else None
         train = cls._read_split(base, cls.splits["train"], image_mods, captions)
         test = cls._read_split(base, cls.splits["test"], image_mods, captions)
@@ -148,7 +227,8 @@ class RGBNT201:
         check_readable(train)
         check_readable(test)
         num_cams = max(s.camid for s in train + test) + 1
-        return ReIDData(train=train, query=test, gallery=test, modalities=mods, num_cams=num_cams)
+        return ReIDData(train=train, query=test, gallery=test, modalities=mods, num_cams=num_cams,
+                        name=cls.__name__.lower())
 
     @classmethod
     def parse_name(cls, name: str):
@@ -172,37 +252,15 @@ class RGBNT201:
     def _read_split(cls, base: str, split: str, mods: List[str],
                     captions: Optional[Dict[int, str]] = None) -> List[Sample]:
         split_dir = os.path.join(base, split)
-        names: Dict[str, List[str]] = {}
-        for m in mods:
-            d = os.path.join(split_dir, cls.modality_dirs[m])
-            if not os.path.isdir(d):
-                raise DataError(f"{d} is missing (needed for modality {m!r}); check the extraction of "
-                                f"{cls.folder} or drop {m!r} from data.modalities")
-            names[m] = sorted(f for f in os.listdir(d) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-            if not names[m]:
-                raise DataError(f"{d} has no images: the {split!r} split is empty")
-        first = mods[0]
-        for m in mods[1:]:
-            a, b = set(names[first]), set(names[m])
-            if a != b:
-                only_a, only_b = sorted(a - b), sorted(b - a)
-                if only_a:
-                    missing = os.path.join(split_dir, cls.modality_dirs[m], only_a[0])
-                    have = os.path.join(split_dir, cls.modality_dirs[first], only_a[0])
-                else:
-                    missing = os.path.join(split_dir, cls.modality_dirs[first], only_b[0])
-                    have = os.path.join(split_dir, cls.modality_dirs[m], only_b[0])
-                raise DataError(f"{missing} is missing: {have} has no partner "
-                                f"({len(only_a) + len(only_b)} unpaired file(s) in {split_dir}); "
-                                "modalities are paired by identical file names")
+        dirs = {m: os.path.join(split_dir, cls.modality_dirs[m]) for m in mods}
         samples = []
-        for name in names[first]:
+        for name in paired_names(dirs, cls.folder, split):
             try:
                 pid, camid = cls.parse_name(name)
             except (ValueError, IndexError):
                 raise DataError(f"cannot parse pid/camera from {os.path.join(split_dir, name)}: expected "
                                 "<pid:06d>_cam<c>_*.jpg") from None
-            paths = {m: os.path.join(split_dir, cls.modality_dirs[m], name) for m in mods}
+            paths = {m: os.path.join(d, name) for m, d in dirs.items()}
             text = None
             if captions is not None:
                 if pid not in captions:
@@ -211,6 +269,291 @@ class RGBNT201:
                 text = captions[pid]
             samples.append(Sample(paths, pid, camid, text=text))
         return samples
+
+
+def check_modalities(dataset: str, modalities: Sequence[str], available: Sequence[str]) -> List[str]:
+    """``data.modalities`` canonical, checked against what ``dataset`` has, with at least one image modality."""
+    mods = [canonical_modality(m) for m in modalities]
+    for m in mods:
+        if m not in available:
+            raise DataError(f"{dataset} has no modality {m!r}; it has {list(available)} (data.modalities)")
+    if not any(m != "text" for m in mods):
+        raise DataError(f"data.modalities={mods}: {dataset} samples are images; add at least one image modality")
+    return mods
+
+
+def paired_names(dirs: Dict[str, str], dataset: str, split: str) -> List[str]:
+    """The image names found in every modality folder ``dirs[m]`` (paired by identical name); a
+    missing folder, an empty one or a file without its partner is a :class:`DataError` naming it."""
+    names: Dict[str, List[str]] = {}
+    for m, d in dirs.items():
+        if not os.path.isdir(d):
+            raise DataError(f"{d} is missing (needed for modality {m!r}); check the extraction of "
+                            f"{dataset} or drop {m!r} from data.modalities")
+        names[m] = list_images(d)
+        if not names[m]:
+            raise DataError(f"{d} has no images: the {split!r} split is empty")
+    first, *rest = list(dirs)
+    for m in rest:
+        a, b = set(names[first]), set(names[m])
+        if a != b:
+            only_a, only_b = sorted(a - b), sorted(b - a)
+            if only_a:
+                missing, have = os.path.join(dirs[m], only_a[0]), os.path.join(dirs[first], only_a[0])
+            else:
+                missing, have = os.path.join(dirs[first], only_b[0]), os.path.join(dirs[m], only_b[0])
+            raise DataError(f"{missing} is missing: {have} has no partner ({len(only_a) + len(only_b)} unpaired "
+                            f"file(s) in {os.path.dirname(dirs[first])}); modalities are paired by identical "
+                            "file names")
+    return names[first]
+
+
+def find_base(root: str, candidates: Sequence[str], marker: str, dataset: str, hint: str) -> str:
+    """The first ``root/<candidate>`` that contains ``marker``, or a :class:`DataError` listing where it looked."""
+    if not root:
+        raise DataError(f"data.root is not set: point it at the folder that contains {candidates[0]}/ ({hint})")
+    for c in candidates:
+        base = os.path.join(root, c)
+        if os.path.exists(os.path.join(base, marker)):
+            return base
+    looked = ", ".join(os.path.join(root, c, marker) for c in candidates)
+    raise DataError(f"data.root={root!r} does not hold {dataset}: looked for {looked}; {hint}")
+
+
+@DATASETS.register("rgbnt100")
+class RGBNT100:
+    """RGBNT100 (vehicles): ``RGBNT100/rgbir/{bounding_box_train,query,bounding_box_test}/<pid>_c<cam>_*.jpg``.
+
+    Each jpg holds RGB | NI | TI side by side (three equal-width strips, 256 px each in the
+    release); camera = the number after ``c`` minus 1, pid -1 (junk) dropped, training pids
+    relabelled — as TOP-ReID / MambaPro read it.
+    """
+
+    candidates = (os.path.join("RGBNT100", "rgbir"), "rgbir", "")
+    splits = ("bounding_box_train", "query", "bounding_box_test")
+    strips = {"rgb": 0, "nir": 1, "tir": 2}
+    pattern = re.compile(r"([-\d]+)_c(\d+)")
+
+    @classmethod
+    def from_config(cls, cfg) -> ReIDData:
+        return cls.load(cfg.root, cfg.modalities)
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+        mods = check_modalities("rgbnt100", modalities, list(cls.strips))
+        base = find_base(root, cls.candidates, "bounding_box_train", "RGBNT100",
+                         "extract RGBNT100 so that RGBNT100/rgbir/bounding_box_train/ exists")
+        train, query, gallery = (cls._read(base, split, mods) for split in cls.splits)
+        train = relabel(train)
+        for ss in (train, query, gallery):
+            check_readable(ss)
+        num_cams = max(s.camid for s in train + query + gallery) + 1
+        return ReIDData(train, query, gallery, mods, num_cams, name="rgbnt100")
+
+    @classmethod
+    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+        d = os.path.join(base, split)
+        if not os.path.isdir(d):
+            raise DataError(f"{d} is missing; RGBNT100/rgbir has {', '.join(cls.splits)}")
+        samples = []
+        for name in list_images(d):
+            m = cls.pattern.search(name)
+            if m is None:
+                raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected <pid>_c<cam>_*.jpg")
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if pid == -1:
+                continue
+            path = os.path.join(d, name)
+            samples.append(Sample({x: path for x in mods}, pid, cam - 1,
+                                  crops={x: (cls.strips[x], len(cls.strips)) for x in mods}))
+        if not samples:
+            raise DataError(f"{d} has no images: the {split!r} split is empty")
+        return samples
+
+
+@DATASETS.register("msvr310")
+class MSVR310:
+    """MSVR310 (vehicles): ``MSVR310/{bounding_box_train,query3,bounding_box_test}/<vid>/{vis,ni,th}/<img>``.
+
+    The three modalities are paired by identical name; vid = ``img[0:4]``, scene = ``img[6:9]``,
+    camera = ``img[11]`` (as TOP-ReID / MambaPro parse it). The lowercase ``msvr310/`` folder is
+    accepted too. Its papers evaluate with ``eval.protocol: msvr310`` (same pid *and scene*
+    removed per query).
+    """
+
+    candidates = ("MSVR310", "msvr310")
+    splits = ("bounding_box_train", "query3", "bounding_box_test")
+    modality_dirs = {"rgb": "vis", "nir": "ni", "tir": "th"}
+
+    @classmethod
+    def from_config(cls, cfg) -> ReIDData:
+        return cls.load(cfg.root, cfg.modalities)
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+        mods = check_modalities("msvr310", modalities, list(cls.modality_dirs))
+        base = find_base(root, cls.candidates, "bounding_box_train", "MSVR310",
+                         "extract MSVR310 so that MSVR310/bounding_box_train/ exists")
+        train, query, gallery = (cls._read(base, split, mods) for split in cls.splits)
+        train = relabel(train)
+        for ss in (train, query, gallery):
+            check_readable(ss)
+        num_cams = max(s.camid for s in train + query + gallery) + 1
+        return ReIDData(train, query, gallery, mods, num_cams, name="msvr310", protocol="msvr310")
+
+    @staticmethod
+    def parse_name(name: str) -> Tuple[int, int, int]:
+        """``0001_s001_v3_...jpg`` -> (vid 1, scene 1, camera 3)."""
+        return int(name[0:4]), int(name[6:9]), int(name[11])
+
+    @classmethod
+    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+        d = os.path.join(base, split)
+        if not os.path.isdir(d):
+            raise DataError(f"{d} is missing; MSVR310 has {', '.join(cls.splits)}")
+        samples = []
+        for vid in sorted(os.listdir(d)):
+            vdir = os.path.join(d, vid)
+            if not os.path.isdir(vdir):
+                continue
+            dirs = {m: os.path.join(vdir, cls.modality_dirs[m]) for m in mods}
+            for name in paired_names(dirs, "MSVR310", split):
+                try:
+                    pid, scene, cam = cls.parse_name(name)
+                except ValueError:
+                    raise DataError(f"cannot parse vid/scene/camera from {os.path.join(dirs[mods[0]], name)}: "
+                                    "expected <vid:4>_s<scene:3>_v<cam>_*.jpg") from None
+                samples.append(Sample({m: os.path.join(x, name) for m, x in dirs.items()}, pid, cam, sceneid=scene))
+        if not samples:
+            raise DataError(f"{d} has no <vid>/ folders with images: the {split!r} split is empty")
+        return samples
+
+
+@DATASETS.register("orbench")
+class ORBench:
+    """ORBench (persons; RGB, NIR, colour pencil, sketch, text): ``ORBench/{vis,nir,cp,sk}/<id>/*.jpg``,
+    ``train_annos.json`` and ``test_gallery_and_queries.json``.
+
+    Training: every ``train_annos.json`` entry (``{"id", "file_path": "vis/<id>/x.jpg", "caption"}``)
+    is an RGB image with its caption; the other image modalities are not paired with it and are
+    drawn, at every step, from the same identity's folder (``Sample.pools``). Test: the RGB gallery
+    (``RGB_GALLERY``: ``[pid, path]``) and one query set per other key (``NIR``, ``CP+SK``,
+    ``NIR+CP+SK+TEXT``, ...), whose entries hold the pid, the image paths and the caption; a set
+    whose modalities are not all in ``data.modalities`` is left out. There are no cameras: the
+    ``orbench`` protocol filters none.
+    """
+
+    candidates = ("ORBench", "orbench", "")
+    modality_dirs = {"rgb": "vis", "nir": "nir", "cpencil": "cp", "sketch": "sk"}
+    train_file, test_file, gallery_key = "train_annos.json", "test_gallery_and_queries.json", "RGB_GALLERY"
+
+    @classmethod
+    def from_config(cls, cfg) -> ReIDData:
+        return cls.load(cfg.root, cfg.modalities)
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+        mods = check_modalities("orbench", modalities, [*cls.modality_dirs, "text"])
+        if "rgb" not in mods:
+            raise DataError(f"data.modalities={mods}: ORBench's gallery and training anchors are RGB; include rgb")
+        base = find_base(root, cls.candidates, cls.train_file, "ORBench",
+                         f"extract ORBench so that ORBench/{cls.train_file} exists")
+        train = relabel(cls._read_train(base, mods))
+        gallery, query_sets = cls._read_test(base, mods)
+        check_readable(train)
+        check_readable(gallery)
+        for q in query_sets.values():
+            check_readable(q)
+        first = next(iter(query_sets.values()))
+        return ReIDData(train, first, gallery, mods, num_cams=1, query_sets=query_sets, name="orbench",
+                        protocol="orbench")
+
+    @classmethod
+    def _json(cls, path: str):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing; ORBench ships it beside vis/, nir/, cp/ and sk/")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON: {e}") from None
+
+    @classmethod
+    def _read_train(cls, base: str, mods: List[str]) -> List[Sample]:
+        path = os.path.join(base, cls.train_file)
+        annos = cls._json(path)
+        if not isinstance(annos, list) or not annos:
+            raise DataError(f"{path}: expected a non-empty list of {{\"id\", \"file_path\", \"caption\"}}")
+        pools: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+        samples = []
+        for i, a in enumerate(annos):
+            try:
+                pid, rel = int(a["id"]), str(a["file_path"])
+                text = str(a["caption"]) if "text" in mods else None
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{path}: entry {i} needs id, file_path and caption; got {a!r}") from None
+            folder = os.path.basename(os.path.dirname(rel))
+            paths, sample_pools = {"rgb": os.path.join(base, rel)}, {}
+            for m in mods:
+                if m in ("rgb", "text"):
+                    continue
+                key = (m, folder)
+                if key not in pools:
+                    d = os.path.join(base, cls.modality_dirs[m], folder)
+                    files = list_images(d) if os.path.isdir(d) else []
+                    if not files:
+                        raise DataError(f"{d} has no images; identity {folder} ({rel}) needs {m!r} images "
+                                        f"(or drop {m!r} from data.modalities)")
+                    pools[key] = tuple(os.path.join(d, f) for f in files)
+                sample_pools[m] = pools[key]
+                paths[m] = pools[key][0]
+            samples.append(Sample(paths, pid, 0, text=text, pools=sample_pools or None))
+        return samples
+
+    @classmethod
+    def _read_test(cls, base: str, mods: List[str]) -> Tuple[List[Sample], Dict[str, List[Sample]]]:
+        path = os.path.join(base, cls.test_file)
+        spec = cls._json(path)
+        if not isinstance(spec, dict) or cls.gallery_key not in spec:
+            raise DataError(f"{path}: expected an object with {cls.gallery_key!r} and query sets such as 'NIR', "
+                            "'CP+SK'")
+        gallery = [cls._entry(path, cls.gallery_key, e, base, ["rgb"]) for e in spec[cls.gallery_key]]
+        query_sets: Dict[str, List[Sample]] = {}
+        for key, entries in spec.items():
+            if key == cls.gallery_key:
+                continue
+            try:
+                qmods = [canonical_modality(k.strip()) for k in key.split("+")]
+            except ValueError as e:
+                raise DataError(f"{path}: query set {key!r}: {e}") from None
+            if any(m not in mods for m in qmods):
+                logger.info("orbench: query set %s left out (data.modalities=%s)", key, mods)
+                continue
+            query_sets["+".join(qmods)] = [cls._entry(path, key, e, base, qmods) for e in entries]
+        if not gallery or not query_sets:
+            raise DataError(f"{path}: no gallery or no query set for data.modalities={mods}")
+        return gallery, query_sets
+
+    @classmethod
+    def _entry(cls, path: str, key: str, entry, base: str, qmods: List[str]) -> Sample:
+        """``[pid, image paths..., caption]`` (in any order: ints are the pid, image files are placed
+        by their folder, other strings are the caption) -> a Sample with exactly ``qmods``."""
+        pid, paths, text = None, {}, None
+        for x in entry if isinstance(entry, list) else []:
+            if isinstance(x, int):
+                pid = x
+            elif isinstance(x, str) and x.lower().endswith(IMAGE_EXTENSIONS):
+                folder = x.replace("\\", "/").split("/")[0]
+                m = next((k for k, v in cls.modality_dirs.items() if v == folder), None)
+                if m is None:
+                    raise DataError(f"{path}: {key}: {x} is not under {'/, '.join(cls.modality_dirs.values())}/")
+                paths[m] = os.path.join(base, x)
+            elif isinstance(x, str):
+                text = x
+        want_images = [m for m in qmods if m != "text"]
+        if pid is None or sorted(paths) != sorted(want_images) or (("text" in qmods) != (text is not None)):
+            raise DataError(f"{path}: {key} entry {entry!r} does not hold a pid and exactly {qmods}")
+        return Sample(paths, pid, 0, text=text)
 
 
 @DATASETS.register("market1501")
@@ -250,7 +593,8 @@ class Market1501:
         for split_samples in (train, query, gallery):
             check_readable(split_samples)
         num_cams = max(s.camid for s in train + query + gallery) + 1
-        return ReIDData(train=train, query=query, gallery=gallery, modalities=["rgb"], num_cams=num_cams)
+        return ReIDData(train=train, query=query, gallery=gallery, modalities=["rgb"], num_cams=num_cams,
+                        name="market1501")
 
     @classmethod
     def _read(cls, base: str, split: str) -> List[Sample]:
@@ -258,7 +602,7 @@ class Market1501:
         if not os.path.isdir(d):
             raise DataError(f"{d} is missing; Market-1501 has {', '.join(cls.splits)}")
         samples = []
-        for name in sorted(f for f in os.listdir(d) if f.lower().endswith(".jpg")):
+        for name in list_images(d):
             m = cls.pattern.search(name)
             if m is None:
                 raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected <pid>_c<cam>s*.jpg")

@@ -5,14 +5,14 @@ A batch is a dict: ``{"images": {modality: [B, 3, H, W]}, "pids": [B], "cam_ids"
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+import random
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasets import DataError, Sample
+from .datasets import DataError, Sample, open_image
 from .transforms import PairedTransform
 
 
@@ -25,38 +25,57 @@ class MultiModalDataset(Dataset):
         transform: decoding (:meth:`PairedTransform.load`) and augmentation.
         cache: decode and resize every image once, up front (uint8 at the network size, shared
             with forked loader workers); then a step only augments. Costs ``3*H*W`` bytes per image.
+        resample: draw unpaired modalities (``Sample.pools``, ORBench) afresh at every access
+            (training); otherwise each sample's fixed ``paths`` are used.
     """
 
     def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
-                 cache: bool = False, tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> None:
+                 cache: bool = False, tokenize: Optional[Callable[[str], torch.Tensor]] = None,
+                 resample: bool = False) -> None:
         self.samples = list(samples)
         self.modalities = [m for m in modalities if m != "text"]
         self.with_text = "text" in modalities
         if self.with_text and tokenize is None:
             raise ValueError("the text modality needs a tokenizer (the model's text_encoder.tokenize)")
+        for m in self.modalities:
+            lacking = next((s for s in self.samples if m not in s.paths), None)
+            if lacking is not None:
+                raise DataError(f"modality {m!r} requested but sample {lacking.paths} (pid {lacking.pid}) has no "
+                                f"{m!r} image")
         self.tokenize = tokenize
         self.transform = transform
-        self.cache: Optional[List[Dict[str, torch.Tensor]]] = None
+        self.resample = resample
+        self.cache: Optional[Dict[Tuple[str, Optional[Tuple[int, int]]], torch.Tensor]] = None
         if cache:
-            self.cache = [self._load(s) for s in self.samples]
+            self.cache = {}
+            for s in self.samples:
+                for m in self.modalities:
+                    for path in self._candidates(s, m):
+                        key = (path, s.crops.get(m) if s.crops else None)
+                        if key not in self.cache:
+                            self.cache[key] = self._read(*key)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, s: Sample) -> Dict[str, torch.Tensor]:
-        images = {}
-        for m in self.modalities:
-            try:
-                with Image.open(s.paths[m]) as im:
-                    images[m] = self.transform.load(im)
-            except Exception as e:
-                raise DataError(f"unreadable image {s.paths[m]}: {type(e).__name__}: {e}") from None
-        return images
+    def _candidates(self, s: Sample, m: str) -> Sequence[str]:
+        return s.pools[m] if self.resample and s.pools and m in s.pools else (s.paths[m],)
+
+    def _read(self, path: str, crop: Optional[Tuple[int, int]]) -> torch.Tensor:
+        try:
+            return self.transform.load(open_image(path, crop))
+        except Exception as e:
+            raise DataError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+
+    def _image(self, s: Sample, m: str) -> torch.Tensor:
+        candidates = self._candidates(s, m)
+        path = candidates[0] if len(candidates) == 1 else random.choice(candidates)
+        key = (path, s.crops.get(m) if s.crops else None)
+        return self.cache[key] if self.cache is not None else self._read(*key)
 
     def __getitem__(self, i: int) -> Dict[str, object]:
         s = self.samples[i]
-        images = self.cache[i] if self.cache is not None else self._load(s)
-        inputs = self.transform(images)
+        inputs = self.transform({m: self._image(s, m) for m in self.modalities})
         if self.with_text:
             inputs["text"] = self.tokenize(s.text or "")[0]
         return {"images": inputs, "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid, "indices": i}
@@ -151,7 +170,8 @@ def build_train_loader(samples: Sequence[Sample], modalities: Sequence[str], tra
                        num_replicas: int = 1, rank: int = 0, cache: bool = False,
                        tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
     sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank)
-    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize), batch_sampler=sampler,
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize, resample=True),
+                      batch_sampler=sampler,
                       num_workers=num_workers, persistent_workers=False, pin_memory=False)
 
 

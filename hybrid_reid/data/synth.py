@@ -96,8 +96,9 @@ def _identity_codes(spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     return np.stack([flat // (N_NIR * N_TIR), (flat // N_TIR) % N_NIR, flat % N_TIR], 1)
 
 
-def _render(codes, build, cam, jitter, size, rng) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One sample's RGB, NIR and TIR images, uint8 [H, W, 3] each, sharing the geometry."""
+def _render(codes, build, cam, jitter, size, rng, drawings: bool = False) -> Tuple[np.ndarray, ...]:
+    """One sample's RGB, NIR and TIR images (and with ``drawings`` its colour-pencil drawing and
+    sketch), uint8 [H, W, 3] each, sharing the geometry."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     scale = h * cam["scale"] * build[0] * (1 + jitter[0])
@@ -140,10 +141,30 @@ def _render(codes, build, cam, jitter, size, rng) -> Tuple[np.ndarray, np.ndarra
         img = np.clip(img, 0, 1) * 255
         return (img if img.ndim == 3 else np.repeat(img[..., None], 3, 2)).astype(np.uint8)
 
-    return to_u8(rgb), to_u8(nir), to_u8(tir)
+    if not drawings:
+        return to_u8(rgb), to_u8(nir), to_u8(tir)
+    # drawings (ORBench's cp / sk): white paper, no camera light; outlines of every body part
+    edge = np.zeros((h, w), bool)
+    for part in (head, upper, arms, lower):
+        edge |= part & ~(np.roll(part, 1, 0) & np.roll(part, -1, 0) & np.roll(part, 1, 1) & np.roll(part, -1, 1))
+    # colour pencil: the clothes' colours (the RGB code) in diagonal hatching
+    hatch = 0.7 + 0.3 * (np.sin((xx + yy) * 1.3) > 0)
+    cp = np.full((h, w, 3), 0.95, np.float32) + noise(0.02)[..., None]
+    cp[head | arms] = np.array([0.93, 0.78, 0.66])
+    cp[upper] = 1 - (1 - HUES[codes[0] // len(LOWER)]) * hatch[upper][:, None]
+    cp[lower] = 1 - (1 - LOWER[codes[0] % len(LOWER)]) * hatch[lower][:, None]
+    cp[edge] = 0.2
+    # sketch: outlines and the fabric's stripes (the NIR code) as pencil lines, no colour
+    lines = np.abs(np.sin(np.pi * proj / (period * h / 128))) < 0.3
+    sk = 0.96 + noise(0.02)
+    sk = np.where(clothes & lines, 0.35, sk)
+    sk = np.where(edge, 0.1, sk)
+    return to_u8(rgb), to_u8(nir), to_u8(tir), to_u8(cp), to_u8(sk)
 
 
-LAYOUTS = {"rgbnt201": "RGBNT201", "market1501": "Market-1501-v15.09.15"}
+LAYOUTS = {"rgbnt201": "RGBNT201", "market1501": "Market-1501-v15.09.15", "rgbnt100": "RGBNT100",
+           "msvr310": "MSVR310", "orbench": "ORBench"}
+ORBENCH_QUERY_MODALITIES = ("NIR", "CP", "SK", "TEXT")
 
 
 def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, layout: str = "rgbnt201") -> str:
@@ -153,9 +174,21 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
         out: the folder that will contain the data set's folder (what ``data.root`` points to).
         spec: the generator's parameters.
         overwrite: replace an existing set.
-        layout: ``rgbnt201`` (``RGBNT201/``, RGB + NIR + TIR, captions) or ``market1501``
-            (``Market-1501-v15.09.15/``, RGB only: the first image of every test identity and camera
-            is a query, the rest gallery, plus junk (pid -1) and distractor (pid 0) images).
+        layout: the release whose layout is written (see :data:`LAYOUTS`):
+
+            * ``rgbnt201``: ``RGBNT201/``, RGB + NIR + TIR, captions;
+            * ``market1501``: ``Market-1501-v15.09.15/``, RGB only: the first image of every test
+              identity and camera is a query, the rest gallery, plus junk (pid -1) and distractor
+              (pid 0) images;
+            * ``rgbnt100``: ``RGBNT100/rgbir/``, RGB | NI | TI side by side in one jpg, queries
+              as for market1501;
+            * ``msvr310``: ``MSVR310/<split>/<vid>/{vis,ni,th}/``; capture ``k`` of every camera is
+              scene ``k + 1``; the first capture of camera 0 is each test identity's query
+              (``query3``), everything else the gallery, so the same-scene rule matters;
+            * ``orbench``: ``ORBench/{vis,nir,cp,sk}/<id>/`` with colour-pencil drawings (the RGB
+              code) and sketches (the NIR code), ``train_annos.json`` with captions and
+              ``test_gallery_and_queries.json`` (RGB gallery, every non-empty combination of
+              NIR, CP, SK and TEXT as a query set, two queries per test identity).
 
     Returns:
         The path of the written folder.
@@ -181,10 +214,13 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
             for c in range(spec.cams):
                 for k in range(spec.images_per_cam):
                     jitter = rng.uniform([-0.05, -0.05, -0.03], [0.05, 0.05, 0.03])
-                    images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng)
+                    images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng,
+                                     drawings=layout == "orbench")
                     for path, img in _layout_files(layout, pid, c, k, pid in test_ids, images):
                         os.makedirs(os.path.join(tmp, os.path.dirname(path)), exist_ok=True)
                         Image.fromarray(img).save(os.path.join(tmp, path), quality=92)
+        if layout == "orbench":
+            _orbench_annotations(tmp, spec, codes, test_ids)
         if layout == "market1501":  # what the real gallery also holds: junk (-1) and distractors (0)
             for j, pid in enumerate((-1, -1, 0, 0)):
                 noise = rng.uniform(0, 255, (*spec.size, 3)).astype(np.uint8)
@@ -210,12 +246,55 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
 
 def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images):
     """``(relative path, image)`` pairs one rendered sample becomes in ``layout``."""
+    market_split = ("query" if k == 0 else "bounding_box_test") if test else "bounding_box_train"
     if layout == "market1501":
-        split = ("query" if k == 0 else "bounding_box_test") if test else "bounding_box_train"
-        return [(os.path.join(split, f"{pid + 1:04d}_c{cam + 1}s1_{k:06d}_00.jpg"), images[0])]
+        return [(os.path.join(market_split, f"{pid + 1:04d}_c{cam + 1}s1_{k:06d}_00.jpg"), images[0])]
+    if layout == "rgbnt100":
+        name = f"{pid + 1:04d}_c{cam + 1:03d}_{k:02d}.jpg"
+        return [(os.path.join("rgbir", market_split, name), np.concatenate(images[:3], axis=1))]
+    if layout == "msvr310":
+        split = ("query3" if cam == 0 and k == 0 else "bounding_box_test") if test else "bounding_box_train"
+        name = f"{pid + 1:04d}_s{k + 1:03d}_v{cam}_{k:03d}.jpg"
+        return [(os.path.join(split, f"{pid + 1:04d}", d, name), img)
+                for d, img in zip(("vis", "ni", "th"), images)]
+    if layout == "orbench":
+        name = f"{pid + 1:04d}_{cam}_{k:02d}.jpg"
+        return [(os.path.join(d, f"{pid + 1:04d}", name), img)
+                for d, img in zip(("vis", "nir", "cp", "sk"), (images[0], images[1], images[3], images[4]))]
     split = "test" if test else "train_171"
     name = f"{pid + 1:06d}_cam{cam + 1}_{k:02d}.jpg"
     return [(os.path.join(split, d, name), img) for d, img in zip(MODALITY_DIRS, images)]
+
+
+def _orbench_annotations(tmp: str, spec: SynthSpec, codes: np.ndarray, test_ids) -> None:
+    """ORBench's ``train_annos.json`` and ``test_gallery_and_queries.json`` for the images in ``tmp``."""
+    from itertools import combinations
+
+    def files(d: str, pid: int):
+        return [f"{d}/{pid + 1:04d}/{n}" for n in sorted(os.listdir(os.path.join(tmp, d, f"{pid + 1:04d}")))]
+
+    train = [{"id": pid + 1, "file_path": f, "caption": caption(codes[pid])}
+             for pid in range(spec.ids) if pid not in test_ids for f in files("vis", pid)]
+    spec_json = {"RGB_GALLERY": [[pid + 1, f] for pid in sorted(test_ids) for f in files("vis", pid)]}
+    dirs = {"NIR": "nir", "CP": "cp", "SK": "sk"}
+    for r in range(1, len(ORBENCH_QUERY_MODALITIES) + 1):
+        for combo in combinations(ORBENCH_QUERY_MODALITIES, r):
+            entries = []
+            for pid in sorted(test_ids):
+                for j in range(2):
+                    entry = [pid + 1]
+                    for i, m in enumerate(combo):
+                        if m == "TEXT":
+                            entry.append(caption(codes[pid]))
+                        else:
+                            fs = files(dirs[m], pid)
+                            entry.append(fs[(j + i) % len(fs)])
+                    entries.append(entry)
+            spec_json["+".join(combo)] = entries
+    with open(os.path.join(tmp, "train_annos.json"), "w") as f:
+        json.dump(train, f)
+    with open(os.path.join(tmp, "test_gallery_and_queries.json"), "w") as f:
+        json.dump(spec_json, f)
 
 
 def ensure_generated(root: str, spec: SynthSpec) -> str:
