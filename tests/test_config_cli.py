@@ -115,3 +115,11 @@ def test_bench_eval_writes_ratios(tmp_path):
     assert res["setting"]["queries"] == 50 and res["setting"]["gallery"] == 400
     assert set(res["ratios"]) == {"evaluate_rank / argsort_rows", "argsort_rows / argsort_rows (A/A control)"}
     assert "| evaluate_rank / argsort_rows |" in (tmp_path / "eval.md").read_text()
+
+
+def test_yaml_bare_no_is_read_back_as_the_word():
+    """YAML 1.1 turns a bare `no` into False; a Literal field that expects the word gets it back."""
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["eval.metric=no"])

@@ -146,6 +146,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and str(value).lower() not in args:
+            # YAML 1.1 reads a bare no / off / yes / on as a bool: take it back as the word
+            for word in (("no", "off", "false") if not value else ("yes", "on", "true")):
+                if word in args:
+                    value = word
+                    break
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -317,13 +317,18 @@ class EvalConfig:
         query_modalities, gallery_modalities: the modalities the query / gallery features are
             computed from (any non-empty subset of ``data.modalities``, e.g. ``[nir]`` or
             ``[sketch, text]``; null = all). Absent modalities are simply left out.
-        protocol: ``market`` (same pid and camera removed per query) or ``missing`` (RGBNT201-style:
-            also every case with some modalities taken away from query and gallery alike, plus
-            their average, under ``metrics.json``'s ``missing``).
+        protocol: ``market`` (same pid and camera removed per query); ``msvr310`` (same pid and
+            *scene* removed, MSVR310's rule); ``missing`` (RGBNT201-style: also every case with
+            some modalities taken away from query and gallery alike, plus their average, under
+            ``metrics.json``'s ``missing``); ``orbench`` (an RGB gallery against every query set,
+            i.e. modality combination, no camera filtering; per set and averages by number of
+            query modalities under ``metrics.json``'s ``orbench``).
         missing_fill: ``drop`` leaves the taken modalities out; ``zeros`` feeds zero images in
             their place (after normalisation, as DeMo does).
         rerank: k-reciprocal re-ranking (Zhong et al. 2017) of the distances, with ``rerank_k1``,
             ``rerank_k2`` and ``rerank_lambda`` (torchreid's defaults 20, 6, 0.3).
+        aqe: alpha-weighted average query expansion of query and gallery features before ranking
+            (fast-reid's ``TEST.AQE``), with ``aqe_k`` neighbours and weights ``sim ** aqe_alpha``.
     """
 
     metric: Literal["euclidean", "cosine"] = "euclidean"
@@ -331,12 +336,19 @@ class EvalConfig:
     max_rank: int = 50
     query_modalities: Optional[List[str]] = None
     gallery_modalities: Optional[List[str]] = None
-    protocol: Literal["market", "missing"] = "market"
+    protocol: Literal["market", "msvr310", "missing", "orbench"] = "market"
     missing_fill: Literal["drop", "zeros"] = "drop"
     rerank: bool = False
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
+    aqe: bool = False
+    aqe_k: int = 5
+    aqe_alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1 or self.aqe_k < 1 or self.rerank_k1 < 1 or self.rerank_k2 < 1:
+            raise ValueError("eval.max_rank, eval.aqe_k, eval.rerank_k1 and eval.rerank_k2 must be >= 1")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -39,12 +39,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..config import Config, OptimConfig, TrainConfig, to_dict
-from ..data import PairedTransform, ReIDData, build_test_loader, build_train_loader, canonical_modality, load_data
-from ..evaluation import rank_metrics
+from ..data import PairedTransform, ReIDData, build_train_loader, load_data
 from ..losses import build_criterion
 from ..models import ReIDModel, build_model, load_model_weights
 from ..models.model import group_learning_rates
 from ..utils import atomic_path, write_atomic
+from .evaluator import METRIC_KEYS, Evaluator, metrics_table, save_features
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,8 @@ def _tokenizer(model: ReIDModel):
     return model.text_encoder.tokenize if model.text_encoder is not None else None
 
 
-def _test_loader(cfg: Config, data: ReIDData, model: ReIDModel):
-    samples = data.query if data.shared_query_gallery else data.query + data.gallery
-    return build_test_loader(samples, data.modalities, _transform(cfg, model, train=False), cfg.data.test_batch_size,
-                             cfg.data.num_workers, cfg.data.cache_images, _tokenizer(model))
+def _evaluator(accelerator: Accelerator, cfg: Config, data: ReIDData, model: ReIDModel) -> Evaluator:
+    return Evaluator(accelerator, cfg, data, _transform(cfg, model, train=False), _tokenizer(model))
 
 
 class TrainProgress:
@@ -124,109 +122,6 @@ class TrainProgress:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-
-# ------------------------------------------------------------------------------------ evaluation
-
-@torch.no_grad()
-def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
-                     modalities: Optional[List[str]] = None, zero: Sequence[str] = ()) -> torch.Tensor:
-    """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
-
-    Args:
-        modalities: compute the features from these modalities only (None = all in the batch).
-        zero: image modalities fed as zeros (after normalisation) instead of their images.
-
-    Raises:
-        RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
-    """
-    model.eval()
-    feats, indices = [], []
-    for batch in loader:
-        images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
-        images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
-        out = model(images, batch["cam_ids"], batch["view_ids"])
-        f = out.bn_feat if feat == "bn" else out.feat
-        g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
-        feats.append(g["feat"].cpu())
-        indices.append(g["index"].cpu())
-    feats_t, index = torch.cat(feats), torch.cat(indices)
-    n = len(loader.dataset)
-    if len(index) != n or not torch.equal(torch.sort(index).values, torch.arange(n)):
-        raise RuntimeError(f"gathered {len(index)} features ({len(torch.unique(index))} distinct) for {n} "
-                           "test samples; evaluation would count duplicates or miss samples")
-    return feats_t[torch.argsort(index)]
-
-
-def evaluate_model(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config) -> Dict[str, object]:
-    """Rank metrics (percent) of ``model`` on the query / gallery split of ``data``, each side from
-    ``eval.query_modalities`` / ``eval.gallery_modalities``.
-
-    With ``eval.protocol: missing`` the result also holds ``"missing": {case: metrics, ...,
-    "average": ...}``: for every case (``r``, ``n``, ``t``, ``rn``, ... = the modalities taken away)
-    query and gallery alike lose those modalities (``eval.missing_fill: drop``) or get zeros in
-    their place (``zeros``, after normalisation, as DeMo does)."""
-    qm, gm = eval_modalities(cfg, data)
-    result = _rank(accelerator, model, loader, data, cfg, qm, gm)
-    if cfg.eval.protocol == "missing":
-        cases = {}
-        for removed, present in missing_cases(data.modalities):
-            if cfg.eval.missing_fill == "zeros":
-                zero = [m for m in removed if m != "text"]
-                kept = [m for m in data.modalities if m not in removed or m in zero]
-            else:
-                zero, kept = [], present
-            cases[case_name(removed)] = _rank(accelerator, model, loader, data, cfg, kept, kept, zero)
-        keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
-        cases["average"] = {k: sum(c[k] for c in cases.values()) / len(cases) for k in keys}
-        result["missing"] = {name: {k: c[k] for k in keys} for name, c in cases.items()}
-    return result
-
-
-def missing_cases(modalities: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
-    """``(removed, present)`` for every non-empty proper subset of ``modalities`` removed, by size."""
-    from itertools import combinations
-
-    out = []
-    for k in range(1, len(modalities)):
-        for removed in combinations(modalities, k):
-            out.append((list(removed), [m for m in modalities if m not in removed]))
-    return out
-
-
-def case_name(removed: Sequence[str]) -> str:
-    """RGBNT201's names: ``r``, ``n``, ``t`` for rgb, nir, tir (other modalities by full name)."""
-    short = {"rgb": "r", "nir": "n", "tir": "t"}
-    return "".join(short[m] for m in removed) if all(m in short for m in removed) else "+".join(removed)
-
-
-def _rank(accelerator: Accelerator, model, loader, data: ReIDData, cfg: Config, qm: Optional[List[str]],
-          gm: Optional[List[str]], zero: Sequence[str] = ()) -> Dict[str, object]:
-    feats = extract_features(accelerator, model, loader, cfg.eval.feat, qm, zero)
-    other = feats if gm == qm else extract_features(accelerator, model, loader, cfg.eval.feat, gm, zero)
-    nq = len(data.query)
-    qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
-    q, g = data.query, data.gallery
-    e = cfg.eval
-    rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
-    return rank_metrics(qf, gf, [s.pid for s in q], [s.pid for s in g], [s.camid for s in q], [s.camid for s in g],
-                        metric=e.metric, max_rank=e.max_rank, rerank=rerank)
-
-
-def eval_modalities(cfg: Config, data: ReIDData) -> Tuple[Optional[List[str]], Optional[List[str]]]:
-    """``eval.query_modalities`` / ``eval.gallery_modalities``, canonical and checked (None = all)."""
-    out = []
-    for key in ("query_modalities", "gallery_modalities"):
-        mods = getattr(cfg.eval, key)
-        if mods is None:
-            out.append(None)
-            continue
-        mods = [canonical_modality(m) for m in mods]
-        bad = [m for m in mods if m not in data.modalities]
-        if not mods or bad:
-            raise ValueError(f"eval.{key}={mods}: must be a non-empty subset of data.modalities={data.modalities}")
-        out.append(mods)
-    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------- outputs, logging
@@ -284,15 +179,6 @@ def _rounded(v):
     return {k: _rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
-def missing_table(missing: Dict[str, Dict[str, float]]) -> str:
-    """The ``missing`` protocol as a Markdown table (one row per case, then the average)."""
-    lines = ["| missing | mAP | R1 | R5 | R10 | mINP |", "|---|---:|---:|---:|---:|---:|"]
-    for name, m in missing.items():
-        lines.append(f"| {name} | {m['mAP']:.2f} | {m['rank1']:.2f} | {m['rank5']:.2f} | {m['rank10']:.2f} | "
-                     f"{m['mINP']:.2f} |")
-    return "\n".join(lines)
-
-
 def write_metrics(path: str, metrics: Dict[str, object], extra: Dict[str, object]) -> Dict[str, object]:
     out = {k: _rounded(v) for k, v in metrics.items() if k != "cmc"}
     out.update(extra)
@@ -309,13 +195,13 @@ def report_metrics(cfg: Config, data: ReIDData, accelerator: Accelerator, metric
         **extra, "dataset": cfg.data.name, "modalities": data.modalities, "backbone": cfg.model.backbone,
         "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
         "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
-        "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "num_query": len(data.query),
+        "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "aqe": cfg.eval.aqe,
+        "num_query": sum(map(len, data.query_sets.values())) if data.query_sets else len(data.query),
         "num_gallery": len(data.gallery), "num_processes": accelerator.num_processes,
         "wall_time_s": round(time.time() - t_start, 1)})
     logger.info("metrics: mAP %.2f  rank1 %.2f  rank5 %.2f  mINP %.2f -> %s", result["mAP"], result["rank1"],
                 result["rank5"], result["mINP"], path)
-    if "missing" in result:
-        logger.info("missing-modality protocol (%s):\n%s", cfg.eval.missing_fill, missing_table(result["missing"]))
+    print(metrics_table(result), flush=True)
     return result
 
 
@@ -397,8 +283,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
     with accelerator.main_process_first():  # the main process generates the synthetic set first
         data = load_data(cfg.data)
     cfg = resolve_config(cfg, data)
-    eval_modalities(cfg, data)  # a bad eval.*_modalities fails now, not after training
-    logger.info("data %s: %s", cfg.data.name, data.summary())
+    if main:
+        logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
 
     model = build_model(cfg.model, modalities=data.modalities)
     train_loader = build_train_loader(
@@ -406,7 +292,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
         cfg.data.cache_images, _tokenizer(model))
     sampler = train_loader.batch_sampler
-    test_loader = _test_loader(cfg, data, model)
+    evaluator = _evaluator(accelerator, cfg, data, model)  # a bad eval.* setting fails now, not after training
     steps_per_epoch = len(train_loader) // tc.grad_accum
     if tc.epochs and steps_per_epoch == 0:
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
@@ -414,7 +300,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
     criterion = build_criterion(cfg.loss, cfg.model.clip_consistency)
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
-    model, optimizer, test_loader, scheduler = accelerator.prepare(model, optimizer, test_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainProgress()
     accelerator.register_for_checkpointing(progress)
     if resume is not None:
@@ -469,8 +355,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
                   "lr": optimizer.param_groups[0]["lr"], "loss": epoch_losses["total"],
                   **{f"loss/{k}": v for k, v in epoch_losses.items()}}
         if (tc.eval_every and progress.epoch % tc.eval_every == 0) or progress.epoch == tc.epochs:
-            metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
-            record.update({k: v for k, v in metrics.items() if k not in ("cmc", "missing")})
+            metrics = evaluator.run(model)
+            record.update({k: v for k, v in metrics.items() if k in METRIC_KEYS})
         record["epoch_time_s"] = round(time.time() - t0, 3)
         logger.info("epoch %d/%d: loss %.4f%s", progress.epoch, tc.epochs, record["loss"],
                     f"  mAP {record['mAP']:.2f}  rank1 {record['rank1']:.2f}" if "mAP" in record else "")
@@ -479,7 +365,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         save_checkpoint(accelerator, cfg.output_dir, progress.epoch, tc.keep_checkpoints)
 
     if metrics is None:  # epochs == 0, or resumed from the last checkpoint
-        metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
+        metrics = evaluator.run(model)
     result: Dict[str, object] = {}
     if main:
         state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
@@ -491,21 +377,33 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
     return result
 
 
-def evaluate(cfg: Config, checkpoint: str) -> Dict[str, object]:
-    """Evaluate a trained model (``model.safetensors`` or a checkpoint folder); writes ``metrics.json``."""
+def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = None) -> Dict[str, object]:
+    """Evaluate a trained model (``model.safetensors`` or a checkpoint folder); writes ``metrics.json``
+    and, with ``save_features_to`` (``.safetensors`` / ``.npz``), the ranked features."""
     t_start = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_cpu_only())
-    with accelerator.main_process_first():
-        data = load_data(cfg.data)
-    cfg = resolve_config(cfg, data)
-    eval_modalities(cfg, data)
-    model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities)
-    load_model_weights(model, checkpoint)
-    test_loader = _test_loader(cfg, data, model)
-    model, test_loader = accelerator.prepare(model, test_loader)
-    metrics = evaluate_model(accelerator, model, test_loader, data, cfg)
+    accelerator, data, cfg, model, evaluator = load_trained(cfg, checkpoint)
+    metrics = evaluator.run(model)
     result: Dict[str, object] = {}
     if accelerator.is_main_process:
         result = report_metrics(cfg, data, accelerator, metrics, t_start, checkpoint=os.path.abspath(checkpoint))
+        if save_features_to:
+            save_features(save_features_to, evaluator.features,
+                          {"checkpoint": os.path.abspath(checkpoint), "protocol": cfg.eval.protocol})
+            logger.info("features -> %s", save_features_to)
     accelerator.wait_for_everyone()
     return result
+
+
+def load_trained(cfg: Config, checkpoint: str):
+    """``(accelerator, data, resolved cfg, prepared model, evaluator)`` for a trained checkpoint."""
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_cpu_only())
+    with accelerator.main_process_first():
+        data = load_data(cfg.data)
+    if accelerator.is_main_process:
+        logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
+    cfg = resolve_config(cfg, data)
+    model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities)
+    evaluator = _evaluator(accelerator, cfg, data, model)  # bad eval.* settings fail before the weights load
+    load_model_weights(model, checkpoint)
+    model = accelerator.prepare(model)
+    return accelerator, data, cfg, model, evaluator

@@ -26,14 +26,41 @@ def compute_distance(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidea
     raise ValueError(f"eval.metric must be 'euclidean' or 'cosine', got {metric!r}")
 
 
+def query_expansion(qf: torch.Tensor, gf: torch.Tensor, k: int = 5, alpha: float = 3.0,
+                    times: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """alpha-weighted average query expansion (alpha-QE, Radenovic et al.), as fast-reid's ``aqe``.
+
+    Every feature (query and gallery alike) is replaced by the mean of its ``k`` nearest features
+    (itself included) in ``query + gallery``, each weighted by ``similarity ** alpha`` (cosine of
+    L2-normalised features), ``times`` times. Returns the expanded (not normalised) ``qf``, ``gf``.
+    Negative similarities get weight 0 (fast-reid's ``np.power`` gives negative or NaN weights there).
+    """
+    nq = qf.shape[0]
+    feats = torch.cat([qf, gf]).float()
+    for _ in range(times):
+        normed = F.normalize(feats, dim=1)
+        sims = normed @ normed.t()
+        top, idx = sims.topk(min(k, feats.shape[0]), dim=1)
+        weights = top.clamp_min(0).pow(alpha).unsqueeze(-1)  # [N, k, 1]
+        feats = (feats[idx] * weights).mean(1)
+    return feats[:nq], feats[nq:]
+
+
 def rank_metrics(qf: torch.Tensor, gf: torch.Tensor, q_pids, g_pids, q_camids, g_camids,
                  metric: str = "euclidean", max_rank: int = 50,
-                 rerank: Optional[Tuple[int, int, float]] = None) -> Dict[str, object]:
+                 rerank: Optional[Tuple[int, int, float]] = None,
+                 aqe: Optional[Tuple[int, float]] = None) -> Dict[str, object]:
     """Percent metrics: ``{"mAP", "rank1", "rank5", "rank10", "mINP", "cmc": [max_rank]}``.
 
-    ``rerank`` = ``(k1, k2, lambda)`` applies k-reciprocal re-ranking (:func:`re_ranking`) to the
-    distances first.
+    ``aqe`` = ``(k, alpha)`` applies query expansion (:func:`query_expansion`) to the features and
+    ``rerank`` = ``(k1, k2, lambda)`` k-reciprocal re-ranking (:func:`re_ranking`) to the distances,
+    in that order (as fast-reid does).
     """
+    if aqe is not None:
+        if qf is gf:
+            qf = gf = query_expansion(qf, gf[:0], *aqe)[0]
+        else:
+            qf, gf = query_expansion(qf, gf, *aqe)
     dist = compute_distance(qf, gf, metric)
     if rerank is not None:
         k1, k2, lam = rerank

@@ -1,0 +1,316 @@
+"""Evaluation protocols on a model's features (``eval.protocol``), feature export.
+
+* ``market``: every query against the gallery; same pid *and* camera removed (Market-1501, RGBNT201,
+  RGBNT100).
+* ``msvr310``: the same with the *scene* in place of the camera (MSVR310).
+* ``missing``: ``market`` plus every case with some modalities taken from query and gallery alike
+  (RGBNT201's missing-modality table).
+* ``orbench``: an RGB gallery against one query set per modality combination (ORBench's JSON, or every
+  non-empty subset of the non-RGB modalities when the data has no query sets); no camera filtering;
+  a row per set and averages by the number of query modalities.
+
+Each protocol case extracts features with :func:`extract_features` (sharded over processes,
+gathered with ``gather_for_metrics``) and ranks them with :func:`~hybrid_reid.evaluation.rank_metrics`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from itertools import combinations
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ..config import Config
+from ..data import PairedTransform, ReIDData, Sample, build_test_loader, canonical_modality
+from ..evaluation import rank_metrics
+from ..utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+
+
+@torch.no_grad()
+def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
+                     modalities: Optional[List[str]] = None, zero: Sequence[str] = ()) -> torch.Tensor:
+    """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
+
+    Args:
+        modalities: compute the features from these modalities only (None = all in the batch).
+        zero: image modalities fed as zeros (after normalisation) instead of their images.
+
+    Raises:
+        RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
+    """
+    model.eval()
+    feats, indices = [], []
+    for batch in loader:
+        images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
+        images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
+        out = model(images, batch["cam_ids"], batch["view_ids"])
+        f = out.bn_feat if feat == "bn" else out.feat
+        g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
+        feats.append(g["feat"].cpu())
+        indices.append(g["index"].cpu())
+    feats_t, index = torch.cat(feats), torch.cat(indices)
+    n = len(loader.dataset)
+    if len(index) != n or not torch.equal(torch.sort(index).values, torch.arange(n)):
+        raise RuntimeError(f"gathered {len(index)} features ({len(torch.unique(index))} distinct) for {n} "
+                           "test samples; evaluation would count duplicates or miss samples")
+    return feats_t[torch.argsort(index)]
+
+
+def missing_cases(modalities: Sequence[str]) -> List[Tuple[List[str], List[str]]]:
+    """``(removed, present)`` for every non-empty proper subset of ``modalities`` removed, by size."""
+    out = []
+    for k in range(1, len(modalities)):
+        for removed in combinations(modalities, k):
+            out.append((list(removed), [m for m in modalities if m not in removed]))
+    return out
+
+
+def case_name(removed: Sequence[str]) -> str:
+    """RGBNT201's names: ``r``, ``n``, ``t`` for rgb, nir, tir (other modalities by full name)."""
+    short = {"rgb": "r", "nir": "n", "tir": "t"}
+    return "".join(short[m] for m in removed) if all(m in short for m in removed) else "+".join(removed)
+
+
+def eval_modalities(cfg: Config, data: ReIDData) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """``eval.query_modalities`` / ``eval.gallery_modalities``, canonical and checked (None = all);
+    also checks that ``eval.protocol`` suits the data set."""
+    if cfg.eval.protocol == "orbench" and "rgb" not in data.modalities:
+        raise ValueError(f"eval.protocol=orbench ranks against an RGB gallery; data.modalities={data.modalities} "
+                         "has no rgb")
+    if data.query_sets is not None and cfg.eval.protocol != "orbench":
+        raise ValueError(f"data.name={data.name} has several query sets ({', '.join(data.query_sets)}); "
+                         "set eval.protocol=orbench")
+    if data.protocol == "msvr310" and cfg.eval.protocol == "market":
+        logger.warning("data.name=%s: its papers evaluate with eval.protocol=msvr310 (same scene removed); "
+                       "this run uses market (same camera removed)", data.name)
+    out = []
+    for key in ("query_modalities", "gallery_modalities"):
+        mods = getattr(cfg.eval, key)
+        if mods is None:
+            out.append(None)
+            continue
+        mods = [canonical_modality(m) for m in mods]
+        bad = [m for m in mods if m not in data.modalities]
+        if not mods or bad:
+            raise ValueError(f"eval.{key}={mods}: must be a non-empty subset of data.modalities={data.modalities}")
+        out.append(mods)
+    return out[0], out[1]
+
+
+def cases_table(title: str, cases: Dict[str, Dict[str, float]]) -> str:
+    """A protocol's cases as a Markdown table (one row per case)."""
+    lines = [f"| {title} | mAP | R1 | R5 | R10 | mINP |", "|---|---:|---:|---:|---:|---:|"]
+    for name, m in cases.items():
+        lines.append(f"| {name} | {m['mAP']:.2f} | {m['rank1']:.2f} | {m['rank5']:.2f} | {m['rank10']:.2f} | "
+                     f"{m['mINP']:.2f} |")
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: Dict[str, object]) -> str:
+    """The Markdown table printed at the end of a run: the main numbers, then each protocol's cases."""
+    parts = [cases_table("protocol", {metrics.get("protocol", "market"): metrics})]
+    if "missing" in metrics:
+        parts.append(cases_table("missing", metrics["missing"]))
+    if "orbench" in metrics:
+        parts.append(cases_table("query", metrics["orbench"]))
+    return "\n\n".join(parts)
+
+
+def _mean(cases: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    return {k: float(np.mean([c[k] for c in cases])) for k in METRIC_KEYS}
+
+
+class FeatureSet(dict):
+    """One side of a ranking: ``{"feat": [N, F], "pids", "camids" (what the protocol filters on),
+    "paths" (``modality=path;...`` per row), "samples", "modalities" (those the features use)}``."""
+
+    @classmethod
+    def of(cls, feat: torch.Tensor, samples: Sequence[Sample], modalities: Sequence[str],
+           camids: Optional[Sequence[int]] = None) -> "FeatureSet":
+        return cls(feat=feat, pids=np.asarray([s.pid for s in samples], dtype=np.int64),
+                   camids=np.asarray(camids if camids is not None else [s.camid for s in samples], dtype=np.int64),
+                   paths=[";".join(f"{m}={p}" for m, p in s.paths.items()) for s in samples], samples=list(samples),
+                   modalities=list(modalities))
+
+
+class Evaluator:
+    """Runs ``cfg.eval.protocol`` on a model; builds (and prepares) its test loaders once.
+
+    Args:
+        accelerator: the run's accelerator (loaders are sharded over its processes).
+        cfg: the resolved config.
+        data: the data set.
+        transform: the test transform (the model's mean / std and size).
+        tokenize: the model's text tokenizer, or None.
+
+    After :meth:`run`, :attr:`features` holds the main case's feature sets (``query`` and
+    ``gallery``; for ``orbench``, ``gallery`` and ``query:<set>`` for each set), :attr:`ranked`
+    the ``(query, gallery)`` feature-set pairs ranked and :attr:`curves` their CMC curves (percent),
+    for :func:`save_features` and :mod:`hybrid_reid.visualize`.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, data: ReIDData, transform: PairedTransform,
+                 tokenize=None) -> None:
+        self.accelerator, self.cfg, self.data = accelerator, cfg, data
+        self.transform, self.tokenize = transform, tokenize
+        self.qm, self.gm = eval_modalities(cfg, data)
+        self._loaders: Dict[str, object] = {}
+        self.features: Dict[str, FeatureSet] = {}
+        self.ranked: Dict[str, Tuple[str, str]] = {}
+        self.curves: Dict[str, List[float]] = {}
+
+    def loader(self, name: str, samples: Sequence[Sample], modalities: Sequence[str]):
+        if name not in self._loaders:
+            d = self.cfg.data
+            loader = build_test_loader(samples, modalities, self.transform, d.test_batch_size, d.num_workers,
+                                       d.cache_images, self.tokenize)
+            self._loaders[name] = self.accelerator.prepare_data_loader(loader)
+        return self._loaders[name]
+
+    def _rank(self, q: FeatureSet, g: FeatureSet) -> Dict[str, object]:
+        e = self.cfg.eval
+        rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
+        aqe = (e.aqe_k, e.aqe_alpha) if e.aqe else None
+        return rank_metrics(q["feat"], g["feat"], q["pids"], g["pids"], q["camids"], g["camids"], metric=e.metric,
+                            max_rank=e.max_rank, rerank=rerank, aqe=aqe)
+
+    def run(self, model) -> Dict[str, object]:
+        """Metrics (percent) of ``model`` under ``eval.protocol``: the main numbers at the top level,
+        the protocol's cases under ``"missing"`` / ``"orbench"``."""
+        if self.cfg.eval.protocol == "orbench":
+            return self._orbench(model)
+        return self._market(model)
+
+    def _market(self, model) -> Dict[str, object]:
+        data, e = self.data, self.cfg.eval
+        samples = data.query if data.shared_query_gallery else data.query + data.gallery
+        loader = self.loader("test", samples, data.modalities)
+        scene = e.protocol == "msvr310"
+        if scene and any(s.sceneid < 0 for s in samples):
+            raise ValueError(f"eval.protocol=msvr310 needs scene ids; data.name={data.name} has none (use market)")
+        ids = lambda ss: [s.sceneid for s in ss] if scene else None  # noqa: E731
+
+        def sides(qm, gm, zero=()) -> Tuple[FeatureSet, FeatureSet]:
+            feats = extract_features(self.accelerator, model, loader, e.feat, qm, zero)
+            other = feats if gm == qm else extract_features(self.accelerator, model, loader, e.feat, gm, zero)
+            nq = len(data.query)
+            qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
+            return (FeatureSet.of(qf, data.query, qm or data.modalities, ids(data.query)),
+                    FeatureSet.of(gf, data.gallery, gm or data.modalities, ids(data.gallery)))
+
+        q, g = sides(self.qm, self.gm)
+        self.features, self.ranked = {"query": q, "gallery": g}, {"query": ("query", "gallery")}
+        result = self._rank(q, g)
+        self.curves = {"query": result["cmc"]}
+        result["protocol"] = e.protocol
+        if e.protocol == "missing":
+            cases = {}
+            for removed, present in missing_cases(data.modalities):
+                if e.missing_fill == "zeros":
+                    zero = [m for m in removed if m != "text"]
+                    kept = [m for m in data.modalities if m not in removed or m in zero]
+                else:
+                    zero, kept = [], present
+                cases[case_name(removed)] = self._rank(*sides(kept, kept, zero))
+            cases["average"] = _mean(list(cases.values()))
+            result["missing"] = {name: {k: c[k] for k in METRIC_KEYS} for name, c in cases.items()}
+        return result
+
+    def query_sets(self) -> Dict[str, Tuple[List[Sample], List[str]]]:
+        """``{name: (samples, modalities)}``: the data's query sets, or every non-empty subset of the
+        non-RGB modalities of the query split."""
+        data = self.data
+        if data.query_sets is not None:
+            return {n: (q, list(q[0].modalities)) for n, q in data.query_sets.items() if q}
+        others = [m for m in data.modalities if m != "rgb"]
+        if not others:
+            raise ValueError("eval.protocol=orbench needs modalities besides rgb to query with")
+        return {"+".join(c): (data.query, list(c)) for k in range(1, len(others) + 1)
+                for c in combinations(others, k)}
+
+    def _orbench(self, model) -> Dict[str, object]:
+        data, e = self.data, self.cfg.eval
+        shared = data.query_sets is None and data.shared_query_gallery
+        # no camera filtering; when query and gallery are one split, only the identical capture is removed
+        q_ids = lambda ss: list(range(len(ss))) if shared else [-1] * len(ss)  # noqa: E731
+        gallery_feat = extract_features(self.accelerator, model, self.loader("gallery", data.gallery, ["rgb"]), e.feat)
+        g = FeatureSet.of(gallery_feat, data.gallery, ["rgb"],
+                          list(range(len(data.gallery))) if shared else [0] * len(data.gallery))
+        self.features, self.ranked, self.curves = {"gallery": g}, {}, {}
+        cases: Dict[str, Dict[str, object]] = {}
+        for name, (samples, mods) in self.query_sets().items():
+            loader = self.loader(f"query:{name}", samples, mods)
+            qf = extract_features(self.accelerator, model, loader, e.feat, mods)
+            q = FeatureSet.of(qf, samples, mods, q_ids(samples))
+            self.features[f"query:{name}"] = q
+            self.ranked[name] = (f"query:{name}", "gallery")
+            cases[name] = self._rank(q, g)
+            self.curves[name] = cases[name]["cmc"]
+        by_size: Dict[int, List[Dict[str, object]]] = {}
+        for name, c in cases.items():
+            by_size.setdefault(len(name.split("+")), []).append(c)
+        table = {name: {k: c[k] for k in METRIC_KEYS} for name, c in cases.items()}
+        for size, cs in sorted(by_size.items()):
+            table[f"average {size}-modality"] = _mean(cs)
+            self.curves[f"average {size}-modality"] = list(np.mean([c["cmc"] for c in cs], axis=0))
+        table["average"] = _mean(list(cases.values()))
+        result: Dict[str, object] = dict(table["average"])
+        result["cmc"] = list(np.mean([c["cmc"] for c in cases.values()], axis=0))
+        result["protocol"] = "orbench"
+        result["orbench"] = table
+        return result
+
+
+def save_features(path: str, features: Dict[str, FeatureSet], meta: Optional[Dict[str, object]] = None) -> None:
+    """Write feature sets to ``path`` (atomically): ``.safetensors`` (paths and ``meta`` as JSON in the
+    header's metadata) or ``.npz``. Keys: ``<set>.feat`` [N, F] float32, ``<set>.pids``,
+    ``<set>.camids`` [N] int64, ``<set>.paths`` (``modality=path;...`` per row)."""
+    tensors = {}
+    for name, fs in features.items():
+        tensors[f"{name}.feat"] = fs["feat"].float().contiguous().numpy()
+        tensors[f"{name}.pids"] = fs["pids"]
+        tensors[f"{name}.camids"] = fs["camids"]
+    paths = {name: fs["paths"] for name, fs in features.items()}
+    if path.endswith(".npz"):
+        arrays = dict(tensors, **{f"{n}.paths": np.asarray(p) for n, p in paths.items()})
+        arrays["meta"] = np.asarray(json.dumps(meta or {}))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+    elif path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        metadata = {"paths": json.dumps(paths), "meta": json.dumps(meta or {})}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+    else:
+        raise ValueError(f"--save-features {path}: use a .safetensors or .npz file name")
+
+
+def load_features(path: str) -> Dict[str, Dict[str, object]]:
+    """Read :func:`save_features`'s file back: ``{set: {"feat", "pids", "camids", "paths"}}``."""
+    out: Dict[str, Dict[str, object]] = {}
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            items = {k: z[k] for k in z.files if k != "meta"}
+        for k, v in items.items():
+            name, field = k.rsplit(".", 1)
+            out.setdefault(name, {})[field] = v.tolist() if field == "paths" else v
+        return out
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        paths = json.loads(f.metadata()["paths"])
+        for k in f.keys():
+            name, field = k.rsplit(".", 1)
+            out.setdefault(name, {})[field] = f.get_tensor(k)
+    for name, p in paths.items():
+        out[name]["paths"] = p
+    return out
