@@ -16,6 +16,18 @@ TINY = dict(width=64, layers=2, heads=2)
 CLIP_OUT = 32
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; every in-process run starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def run_python(*args, timeout=300):
     """Run ``python ARGS`` in the repository root, offline, capturing text output."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,

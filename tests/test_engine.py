@@ -15,6 +15,7 @@ from hybrid_reid import load_config
 from hybrid_reid.engine import train
 
 QUICK = os.path.join(ROOT, "configs", "quickstart.yaml")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_overrides(root, out, epochs):
@@ -23,18 +24,6 @@ def tiny_overrides(root, out, epochs):
             "data.synth.size=[64,32]", "data.batch_size=16", "data.num_instances=2", "data.test_batch_size=32",
             f"train.epochs={epochs}", "train.warmup_epochs=1", "train.eval_every=0", "train.log_every=2",
             "train.keep_checkpoints=3", "optim.lr=2e-3", f"output_dir={out}"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; every in-process run starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

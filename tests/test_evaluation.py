@@ -147,13 +147,17 @@ def test_re_ranking_matches_the_published_algorithm(q, g, k1, k2, lam):
     assert ours.shape == (q, g) and np.abs(ours - ref).max() < 1e-5
 
 
-def test_rerank_changes_the_metrics():
-    g = torch.Generator().manual_seed(1)
+def clustered(seed):
+    """10 identities: one query and 6 gallery features each, noisy around a centre; cameras 0 / 1."""
+    g = torch.Generator().manual_seed(seed)
     centers = torch.randn(10, 16, generator=g)
     gf = centers.repeat_interleave(6, 0) + 0.9 * torch.randn(60, 16, generator=g)
     qf = centers + 0.9 * torch.randn(10, 16, generator=g)
-    qp, gp = np.arange(10), np.repeat(np.arange(10), 6)
-    qc, gc = np.zeros(10), np.ones(60)
+    return qf, gf, np.arange(10), np.repeat(np.arange(10), 6), np.zeros(10), np.ones(60)
+
+
+def test_rerank_changes_the_metrics():
+    qf, gf, qp, gp, qc, gc = clustered(1)
     plain = rank_metrics(qf, gf, qp, gp, qc, gc)
     reranked = rank_metrics(qf, gf, qp, gp, qc, gc, rerank=(5, 3, 0.3))
     assert reranked["mAP"] != plain["mAP"]
@@ -190,12 +194,7 @@ def test_query_expansion_matches_the_row_by_row_algorithm(k, alpha, times):
 
 
 def test_aqe_changes_the_metrics_and_keeps_shared_query_gallery_consistent():
-    g = torch.Generator().manual_seed(2)
-    centers = torch.randn(10, 16, generator=g)
-    gf = centers.repeat_interleave(6, 0) + 0.9 * torch.randn(60, 16, generator=g)
-    qf = centers + 0.9 * torch.randn(10, 16, generator=g)
-    qp, gp = np.arange(10), np.repeat(np.arange(10), 6)
-    qc, gc = np.zeros(10), np.ones(60)
+    qf, gf, qp, gp, qc, gc = clustered(2)
     plain = rank_metrics(qf, gf, qp, gp, qc, gc)
     expanded = rank_metrics(qf, gf, qp, gp, qc, gc, aqe=(5, 3.0))
     assert expanded["mAP"] != plain["mAP"]

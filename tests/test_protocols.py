@@ -13,17 +13,7 @@ from hybrid_reid.evaluation import compute_distance, evaluate_rank
 
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 SPEC = SynthSpec(ids=16, cams=3, images_per_cam=2, seed=7, size=(64, 32))
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def untrained_evaluator(overrides):

@@ -320,19 +320,35 @@ def find_base(root: str, candidates: Sequence[str], marker: str, dataset: str, h
     raise DataError(f"data.root={root!r} does not hold {dataset}: looked for {looked}; {hint}")
 
 
-@DATASETS.register("rgbnt100")
-class RGBNT100:
-    """RGBNT100 (vehicles): ``RGBNT100/rgbir/{bounding_box_train,query,bounding_box_test}/<pid>_c<cam>_*.jpg``.
+def market_files(base: str, split: str, pattern: "re.Pattern", dataset: str,
+                 expected: str) -> List[Tuple[str, int, int]]:
+    """``(path, pid, camera as written)`` of the images of ``base/split`` named like Market-1501
+    (``pattern`` captures pid and camera); junk (pid -1) is dropped; an empty split is an error."""
+    d = os.path.join(base, split)
+    if not os.path.isdir(d):
+        raise DataError(f"{d} is missing; {dataset} has bounding_box_train, query and bounding_box_test")
+    out = []
+    for name in list_images(d):
+        m = pattern.search(name)
+        if m is None:
+            raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected {expected}")
+        pid, cam = int(m.group(1)), int(m.group(2))
+        if pid != -1:
+            out.append((os.path.join(d, name), pid, cam))
+    if not out:
+        raise DataError(f"{d} has no images: the {split!r} split is empty")
+    return out
 
-    Each jpg holds RGB | NI | TI side by side (three equal-width strips, 256 px each in the
-    release); camera = the number after ``c`` minus 1, pid -1 (junk) dropped, training pids
-    relabelled — as TOP-ReID / MambaPro read it.
-    """
 
-    candidates = (os.path.join("RGBNT100", "rgbir"), "rgbir", "")
-    splits = ("bounding_box_train", "query", "bounding_box_test")
-    strips = {"rgb": 0, "nir": 1, "tir": 2}
-    pattern = re.compile(r"([-\d]+)_c(\d+)")
+class SplitFolders:
+    """A data set with ``train / query / gallery`` folders (Market-1501 style) under one of
+    ``candidates``; subclasses set the class attributes and read a split in :meth:`_read`."""
+
+    name = folder = ""
+    protocol = "market"
+    candidates: Tuple[str, ...] = ()
+    splits: Tuple[str, str, str] = ("bounding_box_train", "query", "bounding_box_test")
+    available: Tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
@@ -340,39 +356,46 @@ class RGBNT100:
 
     @classmethod
     def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
-        mods = check_modalities("rgbnt100", modalities, list(cls.strips))
-        base = find_base(root, cls.candidates, "bounding_box_train", "RGBNT100",
-                         "extract RGBNT100 so that RGBNT100/rgbir/bounding_box_train/ exists")
+        mods = check_modalities(cls.name, modalities, cls.available)
+        base = find_base(root, cls.candidates, cls.splits[0], cls.folder,
+                         f"extract {cls.folder} so that {os.path.join(cls.candidates[0], cls.splits[0])}/ exists")
         train, query, gallery = (cls._read(base, split, mods) for split in cls.splits)
         train = relabel(train)
         for ss in (train, query, gallery):
             check_readable(ss)
         num_cams = max(s.camid for s in train + query + gallery) + 1
-        return ReIDData(train, query, gallery, mods, num_cams, name="rgbnt100")
+        return ReIDData(train, query, gallery, mods, num_cams, name=cls.name, protocol=cls.protocol)
 
     @classmethod
     def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
-        d = os.path.join(base, split)
-        if not os.path.isdir(d):
-            raise DataError(f"{d} is missing; RGBNT100/rgbir has {', '.join(cls.splits)}")
-        samples = []
-        for name in list_images(d):
-            m = cls.pattern.search(name)
-            if m is None:
-                raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected <pid>_c<cam>_*.jpg")
-            pid, cam = int(m.group(1)), int(m.group(2))
-            if pid == -1:
-                continue
-            path = os.path.join(d, name)
-            samples.append(Sample({x: path for x in mods}, pid, cam - 1,
-                                  crops={x: (cls.strips[x], len(cls.strips)) for x in mods}))
-        if not samples:
-            raise DataError(f"{d} has no images: the {split!r} split is empty")
+        raise NotImplementedError
+
+
+@DATASETS.register("rgbnt100")
+class RGBNT100(SplitFolders):
+    """RGBNT100 (vehicles): ``RGBNT100/rgbir/{bounding_box_train,query,bounding_box_test}/<pid>_c<cam>_*.jpg``.
+
+    Each jpg holds RGB | NI | TI side by side (three equal-width strips, 256 px each in the
+    release); camera = the number after ``c`` minus 1, pid -1 (junk) dropped, training pids
+    relabelled — as TOP-ReID / MambaPro read it.
+    """
+
+    name, folder = "rgbnt100", "RGBNT100"
+    candidates = (os.path.join("RGBNT100", "rgbir"), "rgbir", "")
+    strips = {"rgb": 0, "nir": 1, "tir": 2}
+    available = tuple(strips)
+    pattern = re.compile(r"([-\d]+)_c(\d+)")
+
+    @classmethod
+    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+        samples = [Sample({x: path for x in mods}, pid, cam - 1,
+                          crops={x: (cls.strips[x], len(cls.strips)) for x in mods})
+                   for path, pid, cam in market_files(base, split, cls.pattern, "RGBNT100/rgbir", "<pid>_c<cam>_*.jpg")]
         return samples
 
 
 @DATASETS.register("msvr310")
-class MSVR310:
+class MSVR310(SplitFolders):
     """MSVR310 (vehicles): ``MSVR310/{bounding_box_train,query3,bounding_box_test}/<vid>/{vis,ni,th}/<img>``.
 
     The three modalities are paired by identical name; vid = ``img[0:4]``, scene = ``img[6:9]``,
@@ -381,25 +404,11 @@ class MSVR310:
     removed per query).
     """
 
+    name, folder, protocol = "msvr310", "MSVR310", "msvr310"
     candidates = ("MSVR310", "msvr310")
     splits = ("bounding_box_train", "query3", "bounding_box_test")
     modality_dirs = {"rgb": "vis", "nir": "ni", "tir": "th"}
-
-    @classmethod
-    def from_config(cls, cfg) -> ReIDData:
-        return cls.load(cfg.root, cfg.modalities)
-
-    @classmethod
-    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
-        mods = check_modalities("msvr310", modalities, list(cls.modality_dirs))
-        base = find_base(root, cls.candidates, "bounding_box_train", "MSVR310",
-                         "extract MSVR310 so that MSVR310/bounding_box_train/ exists")
-        train, query, gallery = (cls._read(base, split, mods) for split in cls.splits)
-        train = relabel(train)
-        for ss in (train, query, gallery):
-            check_readable(ss)
-        num_cams = max(s.camid for s in train + query + gallery) + 1
-        return ReIDData(train, query, gallery, mods, num_cams, name="msvr310", protocol="msvr310")
+    available = tuple(modality_dirs)
 
     @staticmethod
     def parse_name(name: str) -> Tuple[int, int, int]:
@@ -598,21 +607,8 @@ class Market1501:
 
     @classmethod
     def _read(cls, base: str, split: str) -> List[Sample]:
-        d = os.path.join(base, split)
-        if not os.path.isdir(d):
-            raise DataError(f"{d} is missing; Market-1501 has {', '.join(cls.splits)}")
-        samples = []
-        for name in list_images(d):
-            m = cls.pattern.search(name)
-            if m is None:
-                raise DataError(f"cannot parse pid/camera from {os.path.join(d, name)}: expected <pid>_c<cam>s*.jpg")
-            pid, cam = int(m.group(1)), int(m.group(2))
-            if pid == -1:
-                continue  # junk
-            samples.append(Sample({"rgb": os.path.join(d, name)}, pid, cam - 1))
-        if not samples:
-            raise DataError(f"{d} has no images: the {split!r} split is empty")
-        return samples
+        return [Sample({"rgb": path}, pid, cam - 1)
+                for path, pid, cam in market_files(base, split, cls.pattern, "Market-1501", "<pid>_c<cam>s*.jpg")]
 
 
 def default_cache_dir() -> str:
