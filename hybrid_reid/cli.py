@@ -8,6 +8,7 @@
     python run.py visualize --config configs/quickstart.yaml --checkpoint outputs/quickstart/model.safetensors
     python run.py synth --out data/synthetic [--ids 100 --cams 4 --seed 0]
     python run.py info  --config configs/hybrid.yaml [--json] [model.fusion=gated ...]
+    python run.py sweep experiments/backbone_ablation-tiny.yaml [--dry-run]
     python run.py bench backbone [--batch 8 --reps 10]
 """
 from __future__ import annotations
@@ -117,6 +118,22 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    launcher = args.launcher.split() if args.launcher else ()
+    r = run_sweep(args.suite, args.overrides, dry_run=args.dry_run, launcher=launcher)
+    for item in r["runs"]:
+        print(f"{item['state']:>6}  {item['variant']}  seed {item['seed']}  -> {item['output_dir']}")
+        if args.dry_run and args.verbose:
+            print("        " + " ".join(item["command"]))
+    if r["results"]:
+        with open(r["results"]) as f:
+            print(f.read())
+        print(f"results: {r['results']} (+ results.csv, results.png)")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import SynthSpec, generate
 
@@ -185,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("--max-sets", type=int, default=4, help="rank lists for at most this many query sets")
     vi.add_argument("overrides", nargs="*", help="dotted overrides")
     vi.set_defaults(func=cmd_visualize)
+
+    sw = sub.add_parser("sweep", help="run an experiment suite (variants x seeds), then tabulate and plot it")
+    sw.add_argument("suite", help="a suite YAML, e.g. experiments/backbone_ablation-tiny.yaml")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs (done / resume / todo) and stop")
+    sw.add_argument("--verbose", action="store_true", help="with --dry-run: print each run's command")
+    sw.add_argument("--launcher", default=None,
+                    help="command that starts a run instead of 'python -m hybrid_reid.cli', e.g. "
+                         "'accelerate launch --num_processes 4 -m hybrid_reid.cli'")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    sw.set_defaults(func=cmd_sweep)
 
     sy = sub.add_parser("synth", help="write the synthetic data set in a release's layout")
     sy.add_argument("--out", required=True, help="folder that will contain RGBNT201/ (or the --layout's folder); "

@@ -12,8 +12,10 @@ from hybrid_reid.data import DATASETS, canonical_modality
 from hybrid_reid.engine import build_optimizer
 from hybrid_reid.losses import build_criterion
 
+SUITES = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.yaml")))  # run.py sweep suites
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")) +
-               glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True))
+               [p for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True)
+                if p not in SUITES])
 
 
 def test_yaml_set_is_not_empty():
@@ -123,3 +125,19 @@ def test_yaml_bare_no_is_read_back_as_the_word():
     assert cfg.train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["eval.metric=no"])
+
+
+def test_every_shipped_suite_loads_and_each_has_a_tiny_form():
+    from hybrid_reid.sweep import load_suite
+
+    names = {os.path.basename(p)[:-5] for p in SUITES}
+    for suite in ("backbone_ablation", "fusion_comparison", "module_ablation", "modality_ablation"):
+        assert suite in names and f"{suite}-tiny" in names
+    for path in SUITES:
+        suite, base, runs = load_suite(path)  # every run's config is validated
+        assert len(runs) == len(suite.variants) * len(suite.seeds or [0])
+        if path.endswith("-tiny.yaml"):  # the tiny forms also build
+            for run in runs:
+                cfg = load_config(base, run.overrides)
+                mods = [canonical_modality(m) for m in cfg.data.modalities]
+                build_model(cfg.model, load_pretrained=False, modalities=mods)

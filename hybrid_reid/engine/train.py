@@ -287,6 +287,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
 
     model = build_model(cfg.model, modalities=data.modalities)
+    num_params = sum(p.numel() for p in model.parameters())
     train_loader = build_train_loader(
         data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
         cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
@@ -371,7 +372,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
         with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
             save_file(state, tmp)
-        result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step)
+        result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step,
+                                params=num_params)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -385,7 +387,9 @@ def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = Non
     metrics = evaluator.run(model)
     result: Dict[str, object] = {}
     if accelerator.is_main_process:
-        result = report_metrics(cfg, data, accelerator, metrics, t_start, checkpoint=os.path.abspath(checkpoint))
+        params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        result = report_metrics(cfg, data, accelerator, metrics, t_start, checkpoint=os.path.abspath(checkpoint),
+                                params=params)
         if save_features_to:
             save_features(save_features_to, evaluator.features,
                           {"checkpoint": os.path.abspath(checkpoint), "protocol": cfg.eval.protocol})
