@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -201,13 +202,13 @@ def plot_results(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> 
     for i, (c, label) in enumerate((("mAP", "mAP"), ("rank1", "R1"), ("mINP", "mINP"))):
         means = [summary[n][c][0] for n in names]
         stds = [summary[n][c][1] for n in names]
-        bars = ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=stds, capsize=2, label=label)
+        bars = ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=stds if any(stds) else None, capsize=2, label=label)
         if c == "mAP":
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x, names, rotation=30 if len(names) > 5 else 0, ha="right" if len(names) > 5 else "center")
     ax.set_ylabel("percent")
     ax.set_ylim(0, 105)
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
