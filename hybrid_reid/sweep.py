@@ -87,6 +87,8 @@ def load_suite(path: str, extra: Sequence[str] = ()) -> tuple:
             raw = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"suite {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"suite {path}: not valid YAML: {e}") from None
     suite = from_dict(Suite, raw, "suite")
     if not suite.variants:
         raise ConfigError(f"suite {path}: no variants")

@@ -1,5 +1,6 @@
 """run.py sweep: variants x seeds as separate runs, skip / resume, results table and chart."""
 import csv
+import json
 import os
 
 import pytest
@@ -17,7 +18,7 @@ def write_suite(tmp_path, data_root):
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"""description: micro suite
 base: {os.path.join(ROOT, "configs", "quickstart.yaml")}
-overrides: [data.root={data_root}, {", ".join(TINY_RUN)}]
+overrides: {json.dumps([f"data.root={data_root}", *TINY_RUN])}
 seeds: [0, 1]
 output_dir: {tmp_path / "out"}
 variants:
