@@ -162,6 +162,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_model_args(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config`` and ``--checkpoint``: the commands that load a trained model (eval, extract, visualize)."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py", description="hybrid_reid: multi-modal ReID with CLIP and ViT")
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,16 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a trained model; writes OUTPUT_DIR/metrics.json")
-    ev.add_argument("--config", required=True, help="the YAML config the model was trained with")
-    ev.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    _trained_model_args(ev, "the YAML config the model was trained with")
     ev.add_argument("--save-features", default=None, metavar="FILE",
                     help="also write the query / gallery features, pids, camids and paths (.safetensors or .npz)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("extract", help="embed a folder of images with a trained model")
-    ex.add_argument("--config", required=True, help="the run's OUTPUT_DIR/config.yaml (or its training config)")
-    ex.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    _trained_model_args(ex, "the run's OUTPUT_DIR/config.yaml (or its training config)")
     ex.add_argument("--images", required=True,
                     help="a folder of images (searched recursively), or one with modality sub-folders (RGB/ NI/ TI/, "
                          "vis/ nir/ ...) paired by file name")
@@ -194,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_extract)
 
     vi = sub.add_parser("visualize", help="CMC curve, rank lists and t-SNE PNGs of a trained model")
-    vi.add_argument("--config", required=True, help="the YAML config the model was trained with")
-    vi.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/model.safetensors or a checkpoint folder")
+    _trained_model_args(vi, "the YAML config the model was trained with")
     vi.add_argument("--out", default=None, help="output folder (default OUTPUT_DIR/visualize)")
     vi.add_argument("--queries", type=int, default=6, help="queries per rank list (evenly spread)")
     vi.add_argument("--topk", type=int, default=10, help="gallery items per query")
