@@ -51,7 +51,7 @@ class MultiModalDataset(Dataset):
             for s in self.samples:
                 for m in self.modalities:
                     for path in self._candidates(s, m):
-                        key = (path, s.crops.get(m) if s.crops else None)
+                        key = self._key(s, m, path)
                         if key not in self.cache:
                             self.cache[key] = self._read(*key)
 
@@ -61,6 +61,11 @@ class MultiModalDataset(Dataset):
     def _candidates(self, s: Sample, m: str) -> Sequence[str]:
         return s.pools[m] if self.resample and s.pools and m in s.pools else (s.paths[m],)
 
+    @staticmethod
+    def _key(s: Sample, m: str, path: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+        """What identifies a decoded image: the file and the strip of it ``m`` uses (``Sample.crops``)."""
+        return path, s.crops.get(m) if s.crops else None
+
     def _read(self, path: str, crop: Optional[Tuple[int, int]]) -> torch.Tensor:
         try:
             return self.transform.load(open_image(path, crop))
@@ -69,8 +74,7 @@ class MultiModalDataset(Dataset):
 
     def _image(self, s: Sample, m: str) -> torch.Tensor:
         candidates = self._candidates(s, m)
-        path = candidates[0] if len(candidates) == 1 else random.choice(candidates)
-        key = (path, s.crops.get(m) if s.crops else None)
+        key = self._key(s, m, candidates[0] if len(candidates) == 1 else random.choice(candidates))
         return self.cache[key] if self.cache is not None else self._read(*key)
 
     def __getitem__(self, i: int) -> Dict[str, object]:

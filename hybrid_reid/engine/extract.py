@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from accelerate import Accelerator
 
 from ..config import Config
-from ..data import DataError, Sample, canonical_modality, load_data
+from ..data import DataError, Sample, build_test_loader, canonical_modality, load_data
 from ..data.datasets import IMAGE_EXTENSIONS, MODALITY_ALIASES, paired_names
 from ..models import build_model, load_model_weights
 from .evaluator import FeatureSet, extract_features, save_features
@@ -65,8 +65,6 @@ def extract_folder(cfg: Config, checkpoint: str, images: str, out: str, modality
     accelerator = Accelerator(cpu=_cpu_only())
     model = build_model(cfg.model, load_pretrained=False, modalities=model_mods)
     load_model_weights(model, checkpoint)
-    from ..data import build_test_loader
-
     loader = build_test_loader(samples, mods, _transform(cfg, model, train=False), cfg.data.test_batch_size,
                                cfg.data.num_workers, tokenize=_tokenizer(model))
     model, loader = accelerator.prepare(model, loader)
