@@ -3,32 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid_reid.evaluation import compute_distance, evaluate_rank, rank_metrics
-
-
-def reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """torchreid / fast-reid ``eval_market1501`` written out per query (argsort of the whole row)."""
-    num_q, num_g = distmat.shape
-    max_rank = min(max_rank, num_g)
-    indices = np.argsort(distmat, axis=1, kind="stable")
-    matches = (g_pids[indices] == q_pids[:, None]).astype(np.int32)
-    all_cmc, all_ap, all_inp = [], [], []
-    for q in range(num_q):
-        order = indices[q]
-        remove = (g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])
-        raw_cmc = matches[q][~remove]
-        if not raw_cmc.any():
-            continue
-        cmc = raw_cmc.cumsum()
-        hardest = np.where(raw_cmc == 1)[0].max()
-        all_inp.append(cmc[hardest] / (hardest + 1.0))
-        cmc[cmc > 1] = 1
-        padded = np.ones(max_rank)
-        padded[:min(max_rank, len(cmc))] = cmc[:max_rank]
-        all_cmc.append(padded)
-        precision = raw_cmc.cumsum() / (np.arange(len(raw_cmc)) + 1.0)
-        all_ap.append((precision * raw_cmc).sum() / raw_cmc.sum())
-    return float(np.mean(all_ap)), float(np.mean(all_inp)), np.mean(all_cmc, 0), len(all_ap)
+from hybrid_reid.evaluation import compute_distance, evaluate_features, evaluate_rank, rank_metrics
+from hybrid_reid.evaluation.reference import reference_rank, reference_re_ranking
 
 
 def random_case(seed, nq, ng, ids, cams):
@@ -100,39 +76,47 @@ def test_euclidean_and_cosine_rank_alike_and_metrics_are_percent():
         compute_distance(qf, gf, "manhattan")
 
 
-def reference_re_ranking(q_g, q_q, g_g, k1, k2, lam):
-    """Zhong et al.'s k-reciprocal re-ranking written out image by image, as published."""
-    dist = np.concatenate([np.concatenate([q_q, q_g], 1), np.concatenate([q_g.T, g_g], 1)], 0)
-    dist = np.power(dist, 2).astype(np.float32)
-    dist = np.transpose(dist / np.max(dist, axis=0))
-    n, nq = dist.shape[0], q_g.shape[0]
-    rank = np.argsort(dist).astype(np.int32)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_evaluate_features_equals_evaluate_rank_on_the_full_matrix(metric):
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(40, 24, generator=g)
+    qp, gp = torch.randint(0, 40, (150,), generator=g).numpy(), torch.randint(0, 40, (700,), generator=g).numpy()
+    qf = centers[qp] + 0.8 * torch.randn(150, 24, generator=g)  # clustered: mAP far from chance
+    gf = 3.0 * (centers[gp] + 0.8 * torch.randn(700, 24, generator=g))  # scale must not matter
+    qc, gc = torch.randint(0, 4, (150,), generator=g).numpy(), torch.randint(0, 4, (700,), generator=g).numpy()
+    full = evaluate_rank(compute_distance(qf, gf, metric).numpy(), qp, gp, qc, gc, max_rank=30)
+    assert 0.2 < full["mAP"] < 0.99
+    for chunk in (1, 7, 64, 149, 150, 1000, None):
+        r = evaluate_features(qf, gf, qp, gp, qc, gc, chunk_size=chunk, metric=metric, max_rank=30)
+        assert r["num_valid_queries"] == full["num_valid_queries"]
+        assert r["mAP"] == pytest.approx(full["mAP"], abs=1e-12), chunk
+        assert r["mINP"] == pytest.approx(full["mINP"], abs=1e-12), chunk
+        np.testing.assert_array_equal(r["cmc"], full["cmc"])
+    # the engine's entry point goes through it and reports percent
+    m = rank_metrics(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=30, chunk_size=16)
+    assert m["mAP"] == pytest.approx(100 * full["mAP"], abs=1e-9)
+    with pytest.raises(ValueError, match="same D"):
+        evaluate_features(qf, gf[:, :10], qp, gp, qc, gc)
+    with pytest.raises(ValueError, match="pid arrays"):
+        evaluate_features(qf, gf, qp[:-1], gp, qc, gc)
+    with pytest.raises(ValueError, match="chunk_size"):
+        evaluate_features(qf, gf, qp, gp, qc, gc, chunk_size=0)
 
-    def reciprocal(i, k):
-        forward = rank[i, :k + 1]
-        return forward[np.where(rank[forward, :k + 1] == i)[0]]
 
-    v = np.zeros_like(dist)
-    for i in range(n):
-        r = reciprocal(i, k1)
-        expanded = r
-        for c in r:
-            rc = reciprocal(c, int(np.around(k1 / 2.0)))
-            if len(np.intersect1d(rc, r)) > 2.0 / 3 * len(rc):
-                expanded = np.append(expanded, rc)
-        expanded = np.unique(expanded)
-        w = np.exp(-dist[i, expanded])
-        v[i, expanded] = w / w.sum()
-    if k2 != 1:
-        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
-    jaccard = np.zeros((nq, n), np.float32)
-    for i in range(nq):
-        shared = np.zeros(n, np.float32)
-        for k in np.where(v[i] != 0)[0]:
-            rows = np.where(v[:, k] != 0)[0]
-            shared[rows] += np.minimum(v[i, k], v[rows, k])
-        jaccard[i] = 1 - shared / (2 - shared)
-    return (jaccard * (1 - lam) + dist[:nq] * lam)[:, nq:]
+def test_evaluate_features_memory_grows_with_the_chunk_not_the_gallery_product():
+    # 2,000 x 30,000 would be 240 MB as one float32 matrix; with 50-query chunks the working set
+    # is a few tens of MB (tracemalloc sees numpy's buffers)
+    import tracemalloc
+
+    g = torch.Generator().manual_seed(2)
+    qf, gf = torch.randn(2000, 16, generator=g), torch.randn(30000, 16, generator=g)
+    qp, gp = np.arange(2000) % 500, np.arange(30000) % 500
+    qc, gc = np.zeros(2000, int), np.ones(30000, int)
+    tracemalloc.start()
+    evaluate_features(qf, gf, qp, gp, qc, gc, chunk_size=50)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 60e6, peak
 
 
 @pytest.mark.parametrize("q,g,k1,k2,lam", [(10, 40, 5, 3, 0.3), (20, 60, 20, 6, 0.3), (7, 30, 7, 1, 0.5)])

@@ -179,7 +179,7 @@ class Evaluator:
         rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
         aqe = (e.aqe_k, e.aqe_alpha) if e.aqe else None
         return rank_metrics(q["feat"], g["feat"], q["pids"], g["pids"], q["camids"], g["camids"], metric=e.metric,
-                            max_rank=e.max_rank, rerank=rerank, aqe=aqe)
+                            max_rank=e.max_rank, rerank=rerank, aqe=aqe, chunk_size=e.chunk_size)
 
     def run(self, model) -> Dict[str, object]:
         """Metrics (percent) of ``model`` under ``eval.protocol``: the main numbers at the top level,

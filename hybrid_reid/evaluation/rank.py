@@ -63,6 +63,69 @@ def _rank_of_matches(dist: np.ndarray, same_pid: np.ndarray, junk: np.ndarray):
     return ranks, n_match
 
 
+def check_labels(num_q: int, num_g: int, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+                 g_camids: ArrayLike, what: str = "distmat"):
+    """The four label arrays as flat numpy arrays, their lengths checked against ``[num_q, num_g]``."""
+    q_pids, g_pids = _np(q_pids).reshape(-1), _np(g_pids).reshape(-1)
+    q_camids, g_camids = _np(q_camids).reshape(-1), _np(g_camids).reshape(-1)
+    if (num_q, num_g) != (len(q_pids), len(g_pids)):
+        raise ValueError(f"{what} gives [num_query, num_gallery] = [{num_q}, {num_g}] but the pid arrays "
+                         f"have lengths [{len(q_pids)}, {len(g_pids)}]")
+    if len(q_camids) != len(q_pids) or len(g_camids) != len(g_pids):
+        raise ValueError("camid arrays must have the same lengths as the pid arrays")
+    return q_pids, g_pids, q_camids, g_camids
+
+
+class RankAccumulator:
+    """CMC / mAP / mINP accumulated over query chunks of a distance matrix.
+
+    ``add`` takes the distances of some queries to the *whole* gallery; memory is that chunk's
+    (a few times ``chunk x gallery`` bytes), never ``query x gallery``. ``result`` gives the
+    numbers :func:`evaluate_rank` reports.
+    """
+
+    def __init__(self, g_pids: np.ndarray, g_camids: np.ndarray, max_rank: int = 50):
+        self.g_pids, self.g_camids = g_pids, g_camids
+        if len(g_pids) < max_rank:
+            logger.info("gallery has %d items, fewer than max_rank=%d; clamping max_rank", len(g_pids), max_rank)
+            max_rank = len(g_pids)
+        self.max_rank = max_rank
+        self.aps: list = []
+        self.inps: list = []
+        self.first: list = []
+
+    def add(self, dist: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray) -> None:
+        if np.isnan(dist).any():
+            raise ValueError("distmat contains NaN; the features are not finite")
+        same_pid = q_pids[:, None] == self.g_pids[None, :]
+        junk = same_pid & (q_camids[:, None] == self.g_camids[None, :])
+        ranks, n_match = _rank_of_matches(dist, same_pid, junk)
+        del same_pid, junk
+        valid = n_match > 0
+        ranks, n_match = ranks[valid], n_match[valid]
+        if not len(n_match):
+            return
+        hits = np.arange(1, ranks.shape[1] + 1)[None, :]
+        self.aps.append(np.where(np.isfinite(ranks), hits / (ranks + 1), 0.0).sum(1) / n_match)
+        last = np.where(np.isfinite(ranks), ranks, -1).max(1)
+        self.inps.append(n_match / (last + 1))
+        self.first.append(ranks[:, 0])
+
+    def result(self) -> Dict[str, object]:
+        if not self.aps:
+            raise ValueError("no query has a true match in the gallery (after removing same-pid same-camera "
+                             "items); check the query/gallery split and the pid/camid parsing")
+        first_rank = np.concatenate(self.first)
+        cmc = (first_rank[:, None] <= np.arange(self.max_rank)[None, :]).mean(0)
+        return {"mAP": float(np.concatenate(self.aps).mean()), "mINP": float(np.concatenate(self.inps).mean()),
+                "cmc": cmc.astype(np.float64), "num_valid_queries": int(len(first_rank))}
+
+
+def default_chunk(num_g: int) -> int:
+    """Queries per chunk: about 16M distance entries (a few hundred MB of working memory)."""
+    return max(1, (1 << 24) // max(1, num_g))
+
+
 def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
                   g_camids: ArrayLike, max_rank: int = 50, chunk_size: Optional[int] = None) -> Dict[str, object]:
     """CMC, mAP and mINP of a query x gallery distance matrix (Market-1501 protocol).
@@ -73,7 +136,7 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
         q_camids, g_camids: [Q], [G] camera ids (or scene ids for MSVR310): a gallery item with the
             query's pid and camera is removed for that query.
         max_rank: length of the CMC curve (clamped to G).
-        chunk_size: queries processed at once (default: about 32M distance entries per chunk).
+        chunk_size: queries processed at once (default: about 16M distance entries per chunk).
 
     Returns:
         ``{"mAP": float, "mINP": float, "cmc": np.ndarray [max_rank], "num_valid_queries": int}``, all
@@ -81,41 +144,16 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
 
     Raises:
         ValueError: on shape mismatches, or when no query has a match in the gallery.
+
+    For features rather than a distance matrix, :func:`~hybrid_reid.evaluation.evaluate_features`
+    gives the same numbers without ever holding the [Q, G] matrix.
     """
     dist = _np(distmat, np.float32)
-    q_pids, g_pids = _np(q_pids).reshape(-1), _np(g_pids).reshape(-1)
-    q_camids, g_camids = _np(q_camids).reshape(-1), _np(g_camids).reshape(-1)
-    if dist.ndim != 2 or dist.shape != (len(q_pids), len(g_pids)):
-        raise ValueError(f"distmat has shape {tuple(dist.shape)}; expected [num_query, num_gallery] = "
-                         f"[{len(q_pids)}, {len(g_pids)}] from the pid arrays")
-    if len(q_camids) != len(q_pids) or len(g_camids) != len(g_pids):
-        raise ValueError("camid arrays must have the same lengths as the pid arrays")
-    num_q, num_g = dist.shape
-    if num_g < max_rank:
-        logger.info("gallery has %d items, fewer than max_rank=%d; clamping max_rank", num_g, max_rank)
-        max_rank = num_g
-    if np.isnan(dist).any():
-        raise ValueError("distmat contains NaN; the features are not finite")
-    chunk = chunk_size or max(1, (1 << 25) // max(1, num_g))
-    aps, inps, first = [], [], []
-    for s in range(0, num_q, chunk):
-        e = min(num_q, s + chunk)
-        same_pid = q_pids[s:e, None] == g_pids[None, :]
-        junk = same_pid & (q_camids[s:e, None] == g_camids[None, :])
-        ranks, n_match = _rank_of_matches(dist[s:e], same_pid, junk)
-        valid = n_match > 0
-        ranks, n_match = ranks[valid], n_match[valid]
-        if not len(n_match):
-            continue
-        hits = np.arange(1, ranks.shape[1] + 1)[None, :]
-        aps.append(np.where(np.isfinite(ranks), hits / (ranks + 1), 0.0).sum(1) / n_match)
-        last = np.where(np.isfinite(ranks), ranks, -1).max(1)
-        inps.append(n_match / (last + 1))
-        first.append(ranks[:, 0])
-    if not aps:
-        raise ValueError("no query has a true match in the gallery (after removing same-pid same-camera "
-                         "items); check the query/gallery split and the pid/camid parsing")
-    first_rank = np.concatenate(first)
-    cmc = (first_rank[:, None] <= np.arange(max_rank)[None, :]).mean(0)
-    return {"mAP": float(np.concatenate(aps).mean()), "mINP": float(np.concatenate(inps).mean()),
-            "cmc": cmc.astype(np.float64), "num_valid_queries": int(len(first_rank))}
+    if dist.ndim != 2:
+        raise ValueError(f"distmat has shape {tuple(dist.shape)}; expected [num_query, num_gallery]")
+    q_pids, g_pids, q_camids, g_camids = check_labels(*dist.shape, q_pids, g_pids, q_camids, g_camids)
+    acc = RankAccumulator(g_pids, g_camids, max_rank)
+    chunk = chunk_size or default_chunk(dist.shape[1])
+    for s in range(0, dist.shape[0], chunk):
+        acc.add(dist[s:s + chunk], q_pids[s:s + chunk], q_camids[s:s + chunk])
+    return acc.result()
