@@ -9,7 +9,8 @@
     python run.py synth --out data/synthetic [--ids 100 --cams 4 --seed 0]
     python run.py info  --config configs/hybrid.yaml [--json] [model.fusion=gated ...]
     python run.py sweep experiments/backbone_ablation-tiny.yaml [--dry-run]
-    python run.py bench backbone [--batch 8 --reps 10]
+    python run.py bench {eval,backbone,hybrid,mer,data,all} [--tiny --device cuda]
+    python run.py convert-weights weights/ViT-B-16.pt weights/ViT-B-16.safetensors
 """
 from __future__ import annotations
 
@@ -88,6 +89,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .models.checkpoint import read_state_dict
+    from .utils import atomic_path
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"convert-weights writes safetensors: name the output *.safetensors, not {args.out}")
+    sd = read_state_dict(args.input)  # TorchScript via torch.jit.load; pickles weights-only
+    with atomic_path(args.out) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+    size = sum(v.numel() * v.element_size() for v in sd.values())
+    print(f"wrote {args.out}: {len(sd)} tensors, {size / 2**20:.1f} MiB from {args.input}; point the config at it, "
+          f"e.g. model.clip.pretrained={args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
@@ -150,15 +168,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import inspect
-
     from .bench import BENCHMARKS, run_benchmark, to_markdown
 
-    options = {k: getattr(args, k) for k in ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery")
-               if getattr(args, k) is not None}
-    accepted = inspect.signature(BENCHMARKS.get(args.name)).parameters
-    result = run_benchmark(args.name, out_dir=args.out, **{k: v for k, v in options.items() if k in accepted})
-    print(to_markdown(result))
+    options = {k: getattr(args, k) for k in ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery",
+                                             "backbone") if getattr(args, k) is not None}
+    if args.skip_msmt17:
+        options["msmt17"] = False
+    names = list(BENCHMARKS.names()) if args.name == "all" else [args.name]
+    for name in names:
+        print(to_markdown(run_benchmark(name, out_dir=args.out, **options)), flush=True)
     return 0
 
 
@@ -239,16 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hybrid")
     info.set_defaults(func=cmd_info)
 
+    cw = sub.add_parser("convert-weights", help="a pretrained file (OpenAI TorchScript, torch pickle) -> safetensors")
+    cw.add_argument("input", help="e.g. weights/ViT-B-16.pt (OpenAI's TorchScript archive)")
+    cw.add_argument("out", help="e.g. weights/ViT-B-16.safetensors")
+    cw.set_defaults(func=cmd_convert_weights)
     bench = sub.add_parser("bench", help="benchmarks; results under experiments/benchmarks/")
-    bench.add_argument("name", choices=["backbone", "eval"])
+    bench.add_argument("name", choices=["eval", "backbone", "hybrid", "mer", "data", "all"])
     bench.add_argument("--out", default="experiments/benchmarks", help="output folder ('' = do not write)")
-    bench.add_argument("--batch", type=int, default=None, help="backbone: images per batch (8)")
-    bench.add_argument("--reps", type=int, default=None, help="timed rounds (backbone 10, eval 5)")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="images per modality and step (backbone 8, hybrid/mer 4, data 32)")
+    bench.add_argument("--reps", type=int, default=None, help="timed rounds")
     bench.add_argument("--warmup", type=int, default=None)
-    bench.add_argument("--queries", type=int, default=None, help="eval: queries (1000)")
-    bench.add_argument("--gallery", type=int, default=None, help="eval: gallery items (15000)")
-    bench.add_argument("--tiny", action="store_true", help="tiny towers (smoke test)")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--queries", type=int, default=None, help="eval: queries of the small size (1000)")
+    bench.add_argument("--gallery", type=int, default=None, help="eval: gallery of the small size (15000)")
+    bench.add_argument("--skip-msmt17", action="store_true", help="eval: leave out the MSMT17-size run")
+    bench.add_argument("--backbone", default=None, choices=["clip", "vit", "hybrid"], help="mer: the tower (clip)")
+    bench.add_argument("--tiny", action="store_true", help="tiny towers and sizes (a smoke run)")
+    bench.add_argument("--device", default=None, help="cpu (default) or cuda")
     bench.set_defaults(func=cmd_bench)
     return p
 
@@ -259,9 +284,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages
     args = build_parser().parse_args(argv)
+    from .engine.state import OutputDirNotEmptyError, RunLockedError
+    from .engine.train import TrainingDiverged
+
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, CheckpointError, DataError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+            RunLockedError, OutputDirNotEmptyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -44,6 +44,10 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.model.clip.sie_coef == 2.0 and cfg.model.clip.stride == 12  # merged, not replaced
     assert cfg.model.clip.arch == "ViT-B-16-quickgelu"  # schema default kept
     assert cfg.model.img_size == (224, 224)
+    # a partial tower section keeps that tower's own defaults (the timm ViT's, not TowerConfig's)
+    vit = load_config(None, ["model.vit.stride=16"]).model.vit
+    assert (vit.arch, vit.stride, vit.sie_mode, vit.sie_coef) == ("vit_base_patch16_224", 16, "all", 3.0)
+    assert load_config(None, ["optim.group_lr={}"]).optim.group_lr == {}  # a mapping given is the mapping
 
 
 @pytest.mark.parametrize("override, message", [
@@ -110,13 +114,40 @@ def test_bench_backbone_tiny_writes_json_and_markdown(tmp_path):
     assert "| adapter_clip / open_clip |" in (tmp_path / "backbone.md").read_text()
 
 
-def test_bench_eval_writes_ratios(tmp_path):
-    r = run_cli("bench", "eval", "--queries", "50", "--gallery", "400", "--reps", "2", "--out", str(tmp_path))
+def test_bench_eval_compares_with_the_reference_loop_and_runs_the_msmt17_size(tmp_path):
+    r = run_cli("bench", "eval", "--tiny", "--queries", "300", "--gallery", "2000", "--reps", "1", "--warmup", "0",
+                "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "eval.json").read_text())
-    assert res["setting"]["queries"] == 50 and res["setting"]["gallery"] == 400
-    assert set(res["ratios"]) == {"evaluate_rank / argsort_rows", "argsort_rows / argsort_rows (A/A control)"}
-    assert "| evaluate_rank / argsort_rows |" in (tmp_path / "eval.md").read_text()
+    assert res["setting"]["sizes"] == [[30, 200], [150, 700]] and res["setting"]["rerank_size"] == [30, 66]
+    assert set(res["ratios"]) == {"evaluate_rank @30x200 / reference_loop @30x200",
+                                  "evaluate_rank @150x700 / reference_loop @150x700",
+                                  "re_ranking @30x66 / reference_re_ranking @30x66"}
+    assert all(v < 1e-5 for v in res["max_abs_diff"].values())  # same numbers as the references
+    msmt = res["figures"]["msmt17"]  # MSMT17 / 10 in a child process
+    assert msmt["num_valid_queries"] > 1000 and 0 < msmt["mAP"] <= 1 and msmt["peak_rss_gb"] > 0
+    assert "| msmt17 | value |" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("name, ratios, figure", [
+    ("hybrid", {"hybrid / (clip + vit)", "hybrid_ms / hybrid", "clip / vit"}, "achieved_tflops_per_s"),
+    ("mer", {"lora_tok / frozen_tok", "lora / frozen", "full / frozen", "merged / plain",
+             "plain / plain (A/A control)", "unmerged / plain"}, "params"),
+    ("data", set(), "loader_images_per_s"),
+])
+def test_bench_model_benchmarks_tiny(tmp_path, name, ratios, figure):
+    r = run_cli("bench", name, "--tiny", "--reps", "2", "--warmup", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(res["ratios"]) == ratios and all(v > 0 for v in res["ratios"].values())
+    assert res["figures"][figure]
+    if name == "mer":  # merging the trained LoRA changes nothing but the speed
+        assert res["max_abs_diff"]["merged vs unmerged LoRA (bn_feat)"] < 1e-4
+        t = res["figures"]["params"]["trainable_m"]
+        assert t["frozen"] < t["lora"] < t["full"] and res["figures"]["params"]["lora_m"] > 0
+    if name == "data":
+        assert all(v > 0 for v in res["figures"]["loader_images_per_s"].values())
+    assert (tmp_path / f"{name}.md").read_text().startswith(f"# Benchmark: {name}")
 
 
 def test_yaml_bare_no_is_read_back_as_the_word():

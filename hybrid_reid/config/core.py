@@ -100,7 +100,12 @@ def from_dict(cls: Type[T], data: Optional[Mapping[str, Any]], path: str = "") -
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+            value = data[name]
+            if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()  # a partial section keeps the field's own defaults
+                if dataclasses.is_dataclass(default):  # (model.vit: {stride: 16} stays a timm ViT);
+                    value = {**to_dict(default), **value}  # a key given replaces (group_lr: {} stays {})
+            kwargs[name] = _convert(hints[name], value, _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {_join(path, name)!r}")
     try:

@@ -283,6 +283,8 @@ class TrainConfig:
         eval_every: evaluate every N epochs (0 = only after the last one).
         log_every: log every N optimizer steps.
         keep_checkpoints: how many epoch checkpoints to keep in ``OUTPUT_DIR/checkpoints``.
+        max_bad_steps: consecutive non-finite steps (loss or gradient norm NaN/inf; each is
+            skipped) after which the run stops with a checkpoint of the last good state.
     """
 
     epochs: int = 60
@@ -295,8 +297,11 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 10
     keep_checkpoints: int = 2
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.epochs < 0 or self.grad_accum < 1 or self.keep_checkpoints < 1:
             raise ValueError("train.epochs must be >= 0, train.grad_accum and train.keep_checkpoints >= 1")
 
@@ -329,6 +334,9 @@ class EvalConfig:
             ``rerank_k2`` and ``rerank_lambda`` (torchreid's defaults 20, 6, 0.3).
         aqe: alpha-weighted average query expansion of query and gallery features before ranking
             (fast-reid's ``TEST.AQE``), with ``aqe_k`` neighbours and weights ``sim ** aqe_alpha``.
+        chunk_size: queries ranked at once (null: about 16M distances per chunk). Memory grows with
+            ``chunk_size x gallery``, never ``query x gallery`` (except with ``rerank``, which needs
+            the full matrix).
     """
 
     metric: Literal["euclidean", "cosine"] = "euclidean"
@@ -345,10 +353,24 @@ class EvalConfig:
     aqe: bool = False
     aqe_k: int = 5
     aqe_alpha: float = 3.0
+    chunk_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_rank < 1 or self.aqe_k < 1 or self.rerank_k1 < 1 or self.rerank_k2 < 1:
             raise ValueError("eval.max_rank, eval.aqe_k, eval.rerank_k1 and eval.rerank_k2 must be >= 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"eval.chunk_size must be a positive number of queries or null, got {self.chunk_size}")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, for testing a run's guards from outside.
+
+    Attributes:
+        nan_at_steps: global optimizer steps (1-based) whose loss is made NaN.
+    """
+
+    nan_at_steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -366,6 +388,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: Dict[str, Dict[str, Any]] = field(default_factory=_default_losses)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
     output_dir: str = "outputs/run"
 
