@@ -16,8 +16,9 @@ $(VENV)/.complete:
 
 install: $(VENV)/.complete
 
+# a second `make demo` continues (or re-evaluates) the first run instead of refusing its output_dir
 demo: install
-	$(PY) run.py train --config configs/quickstart.yaml
+	$(PY) run.py train --config configs/quickstart.yaml $$([ -d outputs/quickstart/checkpoints ] && echo --resume)
 
 test: install
 	$(PY) -m pytest -q

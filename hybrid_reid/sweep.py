@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,10 @@ def run_sweep(path: str, extra: Sequence[str] = (), dry_run: bool = False, launc
             logger.info("sweep: %s seed %d already finished, skipped", item["variant"], item["seed"])
             continue
         logger.info("sweep: %s seed %d (%s)", item["variant"], item["seed"], item["state"])
+        if item["state"] == "todo" and os.path.isdir(item["output_dir"]):
+            # a run that died before its first checkpoint: nothing to resume, start it again
+            logger.info("sweep: clearing %s (an earlier attempt without a checkpoint)", item["output_dir"])
+            shutil.rmtree(item["output_dir"])
         proc = subprocess.run(item["command"])
         if proc.returncode != 0:
             raise RuntimeError(f"sweep: run {item['variant']} seed {item['seed']} failed (exit {proc.returncode}); "

@@ -1,6 +1,8 @@
 """Training and evaluation (HF Accelerate)."""
 from .evaluator import Evaluator, extract_features, load_features, save_features
-from .train import build_optimizer, build_scheduler, evaluate, train
+from .state import OutputDirNotEmptyError, RunLockedError, verify_checkpoint
+from .train import TrainingDiverged, build_optimizer, build_scheduler, evaluate, train
 
-__all__ = ["Evaluator", "build_optimizer", "build_scheduler", "evaluate", "extract_features", "load_features",
-           "save_features", "train"]
+__all__ = ["Evaluator", "OutputDirNotEmptyError", "RunLockedError", "TrainingDiverged", "build_optimizer",
+           "build_scheduler", "evaluate", "extract_features", "load_features", "save_features", "train",
+           "verify_checkpoint"]

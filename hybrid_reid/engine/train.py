@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import yaml
@@ -41,15 +41,23 @@ from tqdm.auto import tqdm
 from ..config import Config, OptimConfig, TrainConfig, to_dict
 from ..data import PairedTransform, ReIDData, build_train_loader, load_data
 from ..losses import build_criterion
-from ..models import ReIDModel, build_model, load_model_weights
+from ..models import CheckpointError, ReIDModel, build_model, load_model_weights
 from ..models.model import group_learning_rates
 from ..utils import atomic_path, write_atomic
 from .evaluator import METRIC_KEYS, Evaluator, metrics_table, save_features
+from .state import (
+    CHECKPOINT_PREFIX,
+    LOCK_NAME,
+    RunLock,
+    check_fresh_output_dir,
+    find_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "class_embedding", "positional_embedding")
-CHECKPOINT_PREFIX = "epoch_"
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -111,17 +119,33 @@ def _evaluator(accelerator: Accelerator, cfg: Config, data: ReIDData, model: ReI
 
 
 class TrainProgress:
-    """Epochs and optimizer steps done; saved with every checkpoint (``register_for_checkpointing``)."""
+    """Epochs and optimizer steps done, and the non-finite steps skipped; saved in every
+    checkpoint's manifest (``checkpoint.json``), not as a pickle."""
 
     def __init__(self) -> None:
         self.epoch = 0
-        self.step = 0
+        self.step = 0  # optimizer steps attempted, skipped ones included (debug.nan_at_steps counts these)
+        self.skipped = 0  # non-finite steps skipped in the whole run
+        self.bad_run = 0  # consecutive non-finite steps up to now
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "skipped": self.skipped, "bad_run": self.bad_run}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.skipped, self.bad_run = int(state.get("skipped", 0)), int(state.get("bad_run", 0))
+
+
+class TrainingDiverged(RuntimeError):
+    """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
+
+
+def _finite_everywhere(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every process (one decision for all ranks, so DDP stays in step)."""
+    ok = torch.isfinite(value.detach()).all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        ok = accelerator.gather(ok).min()
+    return bool(ok.item())
 
 
 # ------------------------------------------------------------------------------- outputs, logging
@@ -136,7 +160,8 @@ class RunLog:
 
     def start(self, done_epochs: int) -> None:
         """Drop records of epochs after ``done_epochs`` (all of them for a fresh run): a resumed run
-        re-logs the epochs the interrupted one had not checkpointed."""
+        re-logs the epochs the interrupted one had not checkpointed. A last line cut short by a
+        kill is dropped too."""
         if not self.enabled:
             return
         jsonl, csv_path = os.path.join(self.dir, "log.jsonl"), os.path.join(self.dir, "log.csv")
@@ -145,8 +170,13 @@ class RunLog:
                 if os.path.exists(p):
                     os.remove(p)
             return
+        records = []
         with open(jsonl) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # a line the killed run did not finish
+                    continue
         keep = [r for r in records if r.get("epoch", 0) <= done_epochs]
         write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in keep))
         if os.path.exists(csv_path):
@@ -205,50 +235,6 @@ def report_metrics(cfg: Config, data: ReIDData, accelerator: Accelerator, metric
     return result
 
 
-def _checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-            found.append((int(name[len(CHECKPOINT_PREFIX):]), os.path.join(ckpt_dir, name)))
-    return sorted(found)
-
-
-def find_checkpoint(output_dir: str, resume: str) -> str:
-    """``latest`` -> the newest complete ``OUTPUT_DIR/checkpoints/epoch_NNN``; else ``resume`` itself."""
-    if resume == "latest":
-        found = _checkpoints(os.path.join(output_dir, "checkpoints"))
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir}/checkpoints to resume from "
-                                    "(start without --resume, or pass --resume PATH)")
-        return found[-1][1]
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected "
-                                f"{output_dir}/checkpoints/{CHECKPOINT_PREFIX}NNN)")
-    return resume
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str, epoch: int, keep: int) -> str:
-    """``save_state`` into a temp folder, renamed to ``checkpoints/epoch_NNN`` once complete."""
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(ckpt_dir, f"{CHECKPOINT_PREFIX}{epoch:03d}")
-    tmp = os.path.join(ckpt_dir, f".tmp-{CHECKPOINT_PREFIX}{epoch:03d}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in _checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def _cpu_only() -> bool:
     """No GPU: tell Accelerate, so that ``torchrun`` on a CPU machine starts a gloo process group
     (without ``cpu=True`` Accelerate ignores the torchrun environment and every rank trains alone)."""
@@ -271,13 +257,36 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
 
     Args:
         cfg: the whole config.
-        resume: ``None``; ``"latest"`` (newest checkpoint in ``cfg.output_dir``); or a checkpoint folder.
+        resume: ``None`` (a new run: ``cfg.output_dir`` must be empty or absent); ``"latest"`` (the
+            newest intact checkpoint in ``cfg.output_dir``, falling back past bad ones); or a
+            checkpoint folder.
+
+    Raises:
+        RunLockedError: another run is using ``cfg.output_dir``.
+        OutputDirNotEmptyError: a new run (no ``resume``) over an earlier one.
+        CheckpointError: the checkpoint to resume from is incomplete, corrupted or unsafe.
+        TrainingDiverged: ``train.max_bad_steps`` consecutive non-finite steps.
     """
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=_trackers(),
+                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False, cpu=_cpu_only())
+    created = not os.path.exists(cfg.output_dir)
+    lock = RunLock(cfg.output_dir).acquire() if accelerator.is_main_process else None
+    try:
+        if resume is None:
+            check_fresh_output_dir(cfg.output_dir)
+        accelerator.wait_for_everyone()
+        return _train(accelerator, cfg, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and os.listdir(cfg.output_dir) == [LOCK_NAME]:  # failed before writing anything
+                shutil.rmtree(cfg.output_dir, ignore_errors=True)
+
+
+def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict[str, object]:
     t_start = time.time()
     tc = cfg.train
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              log_with=_trackers(), project_dir=cfg.output_dir, step_scheduler_with_optimizer=False,
-                              cpu=_cpu_only())
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # the main process generates the synthetic set first
@@ -303,14 +312,18 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(progress)
+    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    if main:
+        remove_leftovers(ckpt_dir)  # temp folders of a killed run
     if resume is not None:
-        path = find_checkpoint(cfg.output_dir, resume)
-        accelerator.load_state(path)
+        path, manifest = find_checkpoint(cfg.output_dir, resume)
+        try:
+            accelerator.load_state(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: could not be restored into this run ({type(e).__name__}: {e}); check "
+                                  "that the config is the one the checkpoint was written with") from None
+        progress.load_state_dict(manifest["progress"])
         logger.info("resumed from %s (epoch %d, step %d)", path, progress.epoch, progress.step)
-    elif _checkpoints(os.path.join(cfg.output_dir, "checkpoints")):
-        logger.warning("%s/checkpoints holds an earlier run's checkpoints; this run replaces them epoch by epoch "
-                       "(pass --resume to continue that run instead)", cfg.output_dir)
     run_log = RunLog(cfg.output_dir, main)
     if main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -318,6 +331,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         write_atomic(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard")
+    nan_steps = set(cfg.debug.nan_at_steps)
+    max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
 
     metrics: Optional[Dict[str, object]] = None
     for epoch in range(progress.epoch, tc.epochs):
@@ -325,45 +340,75 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         sampler.set_epoch(epoch)
         model.train()
         sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+        good_batches, epoch_skipped, window_bad = 0, 0, False
         batches = iter(train_loader)
         bar = tqdm(range(steps_per_epoch * tc.grad_accum), disable=not accelerator.is_local_main_process,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
-        for _ in bar:
+        for micro in bar:
             batch = send_to_device(next(batches), accelerator.device)
+            if micro % tc.grad_accum == 0:  # BatchNorm statistics as they were before this step
+                buffers = [b.detach().clone() for b in model.buffers()]
             with accelerator.accumulate(model):
                 out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
                 losses = criterion(out, batch["pids"], epoch)
-                accelerator.backward(losses["total"])
-                if accelerator.sync_gradients and tc.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-                optimizer.step()
+                if progress.step + 1 in nan_steps:
+                    losses["total"] = losses["total"] * float("nan")
+                if _finite_everywhere(accelerator, losses["total"]):
+                    accelerator.backward(losses["total"])
+                    for k, v in losses.items():
+                        sums[k] += v.detach().float()
+                    good_batches += 1
+                else:
+                    window_bad = True  # no backward: the scaler and the gradients never see it
+                reason = "non-finite loss" if window_bad else None
+                if accelerator.sync_gradients and reason is None:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    if not _finite_everywhere(accelerator, norm):
+                        scaler = accelerator.scaler
+                        if scaler is None or scaler.get_scale() < 1.0:
+                            reason = "non-finite gradient norm"
+                        # else fp16: an overflow; the scaler skips this step and lowers its scale
+                if reason is None:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                sums[k] += v.detach().float()
-            if accelerator.sync_gradients:
-                scheduler.step()
-                progress.step += 1
-                if progress.step % tc.log_every == 0:
-                    rec = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-                    rec["lr"] = optimizer.param_groups[0]["lr"]
-                    accelerator.log(rec, step=progress.step)
-                    run_log.write({"kind": "step", "epoch": epoch + 1, "step": progress.step, **rec})
-                    bar.set_postfix(loss=f"{rec['loss/total']:.3f}")
-        n = steps_per_epoch * tc.grad_accum
+            if not accelerator.sync_gradients:
+                continue
+            progress.step += 1
+            window_bad = False
+            if reason is not None:
+                with torch.no_grad():  # a skipped step leaves no trace, running statistics included
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
+                progress.skipped += 1
+                progress.bad_run += 1
+                epoch_skipped += 1
+                _report_bad_step(accelerator, run_log, cfg, progress, epoch, reason, batch["pids"])
+                continue
+            progress.bad_run = 0
+            scheduler.step()
+            if progress.step % tc.log_every == 0:
+                rec = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+                rec["lr"] = optimizer.param_groups[0]["lr"]
+                accelerator.log(rec, step=progress.step)
+                run_log.write({"kind": "step", "epoch": epoch + 1, "step": progress.step, **rec})
+                bar.set_postfix(loss=f"{rec['loss/total']:.3f}")
+        n = max(1, good_batches)
         epoch_losses = {k: float(accelerator.reduce(v / n, reduction="mean")) for k, v in sums.items()}
         progress.epoch = epoch + 1
         record = {"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
-                  "lr": optimizer.param_groups[0]["lr"], "loss": epoch_losses["total"],
-                  **{f"loss/{k}": v for k, v in epoch_losses.items()}}
+                  "lr": optimizer.param_groups[0]["lr"], "loss": epoch_losses.get("total", float("nan")),
+                  **{f"loss/{k}": v for k, v in epoch_losses.items()}, "skipped_steps": epoch_skipped}
         if (tc.eval_every and progress.epoch % tc.eval_every == 0) or progress.epoch == tc.epochs:
             metrics = evaluator.run(model)
             record.update({k: v for k, v in metrics.items() if k in METRIC_KEYS})
         record["epoch_time_s"] = round(time.time() - t0, 3)
-        logger.info("epoch %d/%d: loss %.4f%s", progress.epoch, tc.epochs, record["loss"],
-                    f"  mAP {record['mAP']:.2f}  rank1 {record['rank1']:.2f}" if "mAP" in record else "")
+        logger.info("epoch %d/%d: loss %.4f%s%s", progress.epoch, tc.epochs, record["loss"],
+                    f"  mAP {record['mAP']:.2f}  rank1 {record['rank1']:.2f}" if "mAP" in record else "",
+                    f"  ({epoch_skipped} non-finite steps skipped)" if epoch_skipped else "")
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=progress.step)
         run_log.write(record)
-        save_checkpoint(accelerator, cfg.output_dir, progress.epoch, tc.keep_checkpoints)
+        save_checkpoint(accelerator, cfg.output_dir, f"{CHECKPOINT_PREFIX}{progress.epoch:03d}",
+                        progress.state_dict(), tc.keep_checkpoints)
 
     if metrics is None:  # epochs == 0, or resumed from the last checkpoint
         metrics = evaluator.run(model)
@@ -373,10 +418,32 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
             save_file(state, tmp)
         result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step,
-                                params=num_params)
+                                skipped_steps=progress.skipped, params=num_params)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _report_bad_step(accelerator: Accelerator, run_log: RunLog, cfg: Config, progress: TrainProgress, epoch: int,
+                     reason: str, pids: torch.Tensor) -> None:
+    """Log a skipped step (its number and the batch's identities); stop the run after
+    ``train.max_bad_steps`` in a row, with a checkpoint of the last good state."""
+    ids = sorted({int(p) for p in pids.tolist()})
+    logger.warning("step %d skipped (%s; no optimizer or scheduler update); identities in the batch: %s; "
+                   "%d in a row, %d in the run", progress.step, reason, ids, progress.bad_run, progress.skipped)
+    run_log.write({"kind": "skip", "epoch": epoch + 1, "step": progress.step, "reason": reason, "pids": ids,
+                   "in_a_row": progress.bad_run})
+    accelerator.log({"train/skipped_steps": progress.skipped}, step=progress.step)
+    if progress.bad_run < cfg.train.max_bad_steps:
+        return
+    # the skipped steps changed nothing: the weights are those of the last good step
+    path = save_checkpoint(accelerator, cfg.output_dir, f"stopped_step_{progress.step:06d}", progress.state_dict())
+    accelerator.end_training()  # flush the trackers
+    raise TrainingDiverged(
+        f"stopping: {progress.bad_run} consecutive steps ({progress.step - progress.bad_run + 1}..{progress.step}) "
+        f"had a non-finite loss or gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}). The last good "
+        f"state is in {path} (run.py eval --checkpoint {path}). Try a lower optim.lr, train.clip_grad_norm > 0, "
+        f"train.mixed_precision=bf16 instead of fp16, or check the data of the identities logged above.")
 
 
 def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = None) -> Dict[str, object]:
