@@ -64,18 +64,12 @@ PAIR_METHOD = ("each pair timed alone, alternating order each round (ABBA); rati
 def compare_pairs(fns: Dict[str, Callable[[], object]], pairs: List[Tuple[str, str]], reps: int, warmup: int,
                   device: torch.device) -> Dict[str, Dict]:
     """Time each pair ``(a, b)`` of ``fns`` side by side: medians, per-round ratio medians and IQRs."""
-    ratios, spread, times = {}, {}, {}
+    parts = []
     for a, b in pairs:
-        t = time_interleaved({"a": fns[a], "b": fns[b]}, reps=reps, warmup=warmup, device=device)
-        per_round = [ta / tb for ta, tb in zip(t["a"], t["b"])]
         key = f"{a} / {b}" + (" (A/A control)" if a == b else "")
-        ratios[key] = statistics.median(per_round)
-        q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
-        spread[key] = [q[0], q[2]]
-        times[key] = t
-    return {"median_s": {k: {"a": statistics.median(t["a"]), "b": statistics.median(t["b"])}
-                         for k, t in times.items()},
-            "ratios": ratios, "iqr": spread, "all_s": times}
+        t = time_interleaved({"a": fns[a], "b": fns[b]}, reps=reps, warmup=warmup, device=device)
+        parts.append({**compare_sums(t, {key: (["a"], ["b"])}), "all_s": {key: t}})
+    return _merge(*parts)
 
 
 def compare_sums(times: Dict[str, List[float]], ratios: Dict[str, Tuple[Sequence[str], Sequence[str]]]) -> Dict:
