@@ -291,9 +291,9 @@ def bench_config(model: Dict, tiny: bool, modalities: Sequence[str] = ("rgb", "n
                                                       "num_instances": 2}})
 
 
-def build_step(cfg, num_classes: int, device: torch.device):
+def build_step(cfg, num_classes: int, device: torch.device, compile: bool = False):
     """``(model, step)``: ``step(batch)`` is one training step (forward, losses, backward, AdamW;
-    bf16 autocast on a GPU)."""
+    bf16 autocast and fused AdamW on a GPU; ``compile``: the model under ``torch.compile``)."""
     import dataclasses
 
     from .engine.train import build_optimizer
@@ -303,13 +303,14 @@ def build_step(cfg, num_classes: int, device: torch.device):
     torch.manual_seed(0)
     model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes)
     model = build_model(model_cfg, load_pretrained=False, modalities=cfg.data.modalities).to(device).train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
     criterion = build_criterion(cfg.loss, cfg.model.clip_consistency)
+    forward = torch.compile(model) if compile else model
 
     def step(batch):
         # on a GPU, bf16 autocast (the mixed precision a run would use); fp32 on a CPU
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(batch["images"], batch["cam_ids"])
+            out = forward(batch["images"], batch["cam_ids"])
             losses = criterion(out, batch["pids"], 0)
         losses["total"].backward()
         optimizer.step()
@@ -471,33 +472,11 @@ def bench_data(batch: int = 32, reps: int = 3, warmup: int = 1, tiny: bool = Fal
     decoded-image cache, with 0 (in process) and 2 worker processes. The model figure is the
     hybrid ViT-B/16 training step (``bench hybrid``'s ``hybrid``) on the same device and batch.
     """
-    import tempfile as _tempfile
-
-    from .data import PairedTransform, build_train_loader, load_data
-    from .data.synth import SynthSpec, generate
-
     dev = torch.device(device)
     modalities = ("rgb", "nir", "tir")
     size = (64, 32) if tiny else (256, 128)
-    figures: Dict[str, Dict] = {"loader_images_per_s": {}, "model_images_per_s": {}}
-    with _tempfile.TemporaryDirectory() as root:
-        spec = SynthSpec(ids=40, cams=4, images_per_cam=4, seed=0, size=size)
-        generate(root, spec)
-        from .config import DataConfig
-
-        data = load_data(DataConfig(name="rgbnt201", root=root, modalities=list(modalities)))
-        transform = PairedTransform(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
-        for n in workers:
-            loader = build_train_loader(data.train, modalities, transform, batch, 4, 0, n)
-            for _ in range(warmup):
-                for _b in loader:
-                    pass
-            seen, t0 = 0, time.perf_counter()
-            for _ in range(reps):
-                for b in loader:
-                    seen += sum(b["images"][m].shape[0] for m in modalities)
-            figures["loader_images_per_s"][f"workers={n}"] = seen / (time.perf_counter() - t0)
-        samples = len(data.train)
+    rates, samples = _loader_rate(batch, reps, warmup, tiny, workers)
+    figures: Dict[str, Dict] = {"loader_images_per_s": rates, "model_images_per_s": {}}
     # the model's rate from a smaller batch on a CPU (a ViT-B/16 step on 96 images takes a minute there)
     model_batch = batch if dev.type == "cuda" else 4
     cfg = bench_config({"backbone": "hybrid", "fusion": "concat"}, tiny, modalities, model_batch)
@@ -516,6 +495,98 @@ def bench_data(batch: int = 32, reps: int = 3, warmup: int = 1, tiny: bool = Fal
             "environment": environment(dev), "median_s": {}, "ratios": {}, "iqr": {}, "figures": figures}
 
 
+class NoDeviceError(RuntimeError):
+    """The benchmark needs a device this machine does not have."""
+
+
+@BENCHMARKS.register("gpu")
+def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = False, device: str = "cuda",
+              peak_tflops: Optional[float] = None, workers: Sequence[int] = (8,),
+              backbones: Sequence[str] = ("clip", "vit", "hybrid")) -> Dict:
+    """Training throughput on one GPU: images/s, peak memory and MFU, eager and compiled, plus the loader.
+
+    For each of ``clip``, ``vit`` and ``hybrid`` (ViT-B/16 at 256x128, random init, rgb + nir + tir,
+    P x K batch of ``batch`` samples, bf16 autocast, fused AdamW, ID + triplet losses), with
+    ``torch.compile`` off and on: median step time -> images/s, peak allocated memory, FLOPs per step
+    (FlopCounterMode on the eager step: matmuls, convolutions, attention) and model FLOPs utilisation
+    against the device's dense bf16 peak (:data:`PEAK_BF16`, or ``peak_tflops``). Compilation happens in
+    the warm-up rounds. The loader figure is the training loader (decode + augment, no cache) with
+    ``workers`` processes on a synthetic 256x128 set. ``tiny`` runs the same code on the tiny towers
+    (64x32; on a CPU with ``device="cpu"``: the quickstart's step, eager against compiled).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NoDeviceError("bench gpu: no GPU on this machine (torch.cuda.is_available() is False); run it on a "
+                            "GPU machine, or pass --device cpu --tiny for a smoke run of the same code")
+    modalities = ("rgb", "nir", "tir")
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev)
+    fns, figures = {}, {"images_per_s": {}, "peak_memory_gib": {}, "tflops_per_step": {}, "mfu": {}}
+    flops: Dict[str, float] = {}
+    for backbone in backbones:
+        spec = {"backbone": backbone, "fusion": "concat"}
+        cfg = bench_config(spec, tiny, modalities, batch)
+        data = fake_batch(cfg, dev)
+        for compiled in (False, True):
+            name = f"{backbone}{'+compile' if compiled else ''}"
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            _, step = build_step(cfg, batch // 2, dev, compile=compiled)
+            fns[name] = lambda step=step, b=data: step(b)
+            if not compiled:
+                flops[backbone] = step_flops(fns[name])
+            times = time_interleaved({name: fns[name]}, reps, warmup, dev)[name]
+            t = statistics.median(times)
+            figures["images_per_s"][name] = batch * len(modalities) / t
+            figures["tflops_per_step"][name] = flops[backbone] / 1e12
+            if dev.type == "cuda":
+                figures["peak_memory_gib"][name] = torch.cuda.max_memory_allocated(dev) / 2**30
+            if peak:
+                figures["mfu"][name] = flops[backbone] / t / peak
+            figures.setdefault("median_step_s", {})[name] = t
+    ratios = {f"{b}+compile / {b}": figures["median_step_s"][f"{b}+compile"] / figures["median_step_s"][b]
+              for b in backbones}
+    figures["loader_images_per_s"] = _loader_rate(batch, reps=2, warmup=1, tiny=tiny, workers=workers)[0]
+    for k in [k for k, v in figures.items() if not v]:
+        del figures[k]
+    return {"name": "gpu", "goal": "images/s, peak memory and MFU of a training step, eager and compiled; the "
+                                   "loader keeps up", "method": "each candidate timed alone after its warm-up "
+                                   "(compilation included there); median over rounds",
+            "setting": {**_setting(tiny, batch, modalities, reps, warmup), "precision": "bf16 autocast" if
+                        dev.type == "cuda" else "fp32", "peak_bf16_tflops": peak / 1e12 if peak else None},
+            "environment": environment(dev), "median_s": {}, "ratios": ratios, "iqr": {}, "figures": figures}
+
+
+def _loader_rate(batch: int, reps: int, warmup: int, tiny: bool,
+                 workers: Sequence[int]) -> Tuple[Dict[str, float], int]:
+    """Images per second the training loader delivers (rgb + nir + tir jpgs of a synthetic set, no cache,
+    the peers' augmentation, PK-sampled) per worker count, and the number of training samples."""
+    import tempfile as _tempfile
+
+    from .config import DataConfig
+    from .data import PairedTransform, build_train_loader, load_data
+    from .data.synth import SynthSpec, generate
+
+    modalities = ("rgb", "nir", "tir")
+    size = (64, 32) if tiny else (256, 128)
+    out = {}
+    with _tempfile.TemporaryDirectory() as root:
+        generate(root, SynthSpec(ids=40, cams=4, images_per_cam=4, seed=0, size=size))
+        data = load_data(DataConfig(name="rgbnt201", root=root, modalities=list(modalities)))
+        transform = PairedTransform(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
+        batch = min(batch, 4 * data.num_train_pids)
+        for n in workers:
+            loader = build_train_loader(data.train, modalities, transform, batch, 4, 0, n)
+            for _ in range(warmup):
+                for _b in loader:
+                    pass
+            seen, t0 = 0, time.perf_counter()
+            for _ in range(reps):
+                for b in loader:
+                    seen += sum(b["images"][m].shape[0] for m in modalities)
+            out[f"workers={n}"] = seen / (time.perf_counter() - t0)
+        return out, len(data.train)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
@@ -528,11 +599,15 @@ def to_markdown(result: Dict) -> str:
              "Environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()), "",
              f"Method: {result['method']}", ""]
     if result["ratios"]:
-        lines += ["| a / b | a median (ms) | b median (ms) | ratio (median) | ratio (iqr) |",
-                  "|---|---:|---:|---:|---:|"]
-        for k, v in result["ratios"].items():
-            m, q = result["median_s"][k], result["iqr"][k]
-            lines.append(f"| {k} | {m['a'] * 1e3:.1f} | {m['b'] * 1e3:.1f} | {v:.3f} | {q[0]:.3f}-{q[1]:.3f} |")
+        if result["median_s"]:
+            lines += ["| a / b | a median (ms) | b median (ms) | ratio (median) | ratio (iqr) |",
+                      "|---|---:|---:|---:|---:|"]
+            for k, v in result["ratios"].items():
+                m, q = result["median_s"][k], result["iqr"][k]
+                lines.append(f"| {k} | {m['a'] * 1e3:.1f} | {m['b'] * 1e3:.1f} | {v:.3f} | {q[0]:.3f}-{q[1]:.3f} |")
+        else:
+            lines += ["| a / b | ratio (median step) |", "|---|---:|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
     if result.get("max_abs_diff"):
         lines += ["", "| check | max abs diff |", "|---|---:|"]
         lines += [f"| {k} | {v:.2e} |" for k, v in result["max_abs_diff"].items()]

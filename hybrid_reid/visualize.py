@@ -165,7 +165,7 @@ def visualize(cfg: Config, checkpoint: str, out_dir: str, num_queries: int = 6, 
     written: Dict[str, List[str]] = {"cmc": [], "ranklists": [], "tsne": []}
     title = f"CMC ({data.name}, {cfg.eval.protocol}; mAP {metrics['mAP']:.1f})"
     curves = evaluator.curves
-    if len(curves) > 8:  # ORBench's 15 sets: the averages by number of query modalities
+    if len(curves) > 8:  # ORBench's 32 sets: the averages by number of query modalities
         curves = {n: c for n, c in curves.items() if n.startswith("average")}
     written["cmc"].append(plot_cmc(curves, os.path.join(out_dir, "cmc.png"), title))
     feats = evaluator.features

@@ -11,6 +11,7 @@ from hybrid_reid.data import (
     MultiModalDataset,
     PairedTransform,
     PKSampler,
+    SampleRNG,
     SynthSpec,
     canonical_modality,
     generate,
@@ -131,7 +132,10 @@ def test_unreadable_image(synth_root, tmp_path):
 def test_pk_sampler_batches_and_rank_split():
     pids = np.repeat(np.arange(10), [2, 3, 4, 5, 6, 2, 3, 4, 5, 6])  # 40 samples
     one = PKSampler(pids, batch_size=8, num_instances=2, seed=1)
-    batches = list(one)
+    keys = list(one)
+    batches = [[k.index for k in b] for b in keys]
+    # every key carries the epoch and the sample's place in the epoch's global batch order
+    assert [k.position for b in keys for k in b] == list(range(40)) and {k.epoch for b in keys for k in b} == {0}
     assert len(batches) == len(one) == 5
     for b in batches:
         assert len(b) == 8
@@ -139,14 +143,15 @@ def test_pk_sampler_batches_and_rank_split():
         assert len(set(ids)) == 4 and all((ids == p).sum() == 2 for p in set(ids))
     seen = {i for b in batches for i in b}
     assert len(seen) >= 30  # images of an identity are drawn without replacement before repeating
-    assert batches == list(PKSampler(pids, 8, 2, seed=1))  # deterministic
+    assert keys == list(PKSampler(pids, 8, 2, seed=1))  # deterministic
     one.set_epoch(1)
-    assert list(one) != batches
+    assert [[k.index for k in b] for b in one] != batches and next(iter(one))[0].epoch == 1
     one.set_epoch(0)
     ranks = [list(PKSampler(pids, 8, 2, seed=1, num_replicas=2, rank=r)) for r in range(2)]
-    for step, b in enumerate(batches):  # the two ranks split every global batch by identity
+    for step, b in enumerate(keys):  # the two ranks split every global batch by identity, keys unchanged
         r0, r1 = ranks[0][step], ranks[1][step]
-        assert len(r0) == len(r1) == 4 and not set(pids[r0]) & set(pids[r1])
+        i0, i1 = [k.index for k in r0], [k.index for k in r1]
+        assert len(r0) == len(r1) == 4 and not set(pids[i0]) & set(pids[i1])
         assert sorted(r0 + r1) == sorted(b)
     with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
         PKSampler(pids, 8, 2, num_replicas=3)
@@ -157,12 +162,17 @@ def test_pk_sampler_batches_and_rank_split():
 
 
 def test_paired_transform_shares_geometry_across_modalities():
-    torch.manual_seed(0)
     tf = PairedTransform((16, 8), (0.5,) * 3, (0.5,) * 3, train=True, flip_prob=1.0, pad=2, erasing_prob=0.0)
-    img = torch.randint(0, 255, (3, 16, 8), dtype=torch.uint8)
-    for _ in range(5):
-        out = tf({"rgb": img, "nir": img.clone()})
+    img = torch.randint(0, 255, (3, 16, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for pos in range(5):
+        out = tf({"rgb": img, "nir": img.clone()}, SampleRNG(0, 0, pos))
         assert torch.equal(out["rgb"], out["nir"])  # same flip and crop offset
+        outs.append(out["rgb"])
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # positions draw different crops
+    assert torch.equal(tf({"rgb": img}, SampleRNG(0, 0, 3))["rgb"], outs[3])  # and the same key the same one
+    with pytest.raises(ValueError, match="SampleRNG"):
+        tf({"rgb": img})
     test_tf = PairedTransform((16, 8), (0.5,) * 3, (0.5,) * 3, train=False)
     x = test_tf({"rgb": img})["rgb"]
     assert torch.allclose(x, (img.float() / 255 - 0.5) / 0.5)
@@ -199,3 +209,53 @@ def test_market1501_layout_parses_like_torchreid(tmp_path):
         Market1501.load(str(tmp_path), ["rgb"])
     with pytest.raises(DataError, match="has no bounding_box_train"):
         Market1501.load(str(tmp_path / "nowhere"), ["rgb"])
+
+
+def test_random_erase_is_timms_algorithm_with_a_per_sample_generator():
+    """The peers' erasing (timm RandomErasing, pixel mode, one box) draw for draw: the same boxes and
+    noise when timm's global generators are seeded as our per-sample ones."""
+    import random
+
+    from timm.data.random_erasing import RandomErasing
+
+    from hybrid_reid.data.transforms import random_erase
+
+    timm_erase = RandomErasing(0.5, mode="pixel", max_count=1, device="cpu")
+    erased = 0
+    for pos in range(40):
+        x = torch.randn(3, 32, 16, generator=torch.Generator().manual_seed(pos))
+        rng = SampleRNG(7, 1, pos)
+        ours = random_erase(x.clone(), rng, 0.5)
+        ref_rng = SampleRNG(7, 1, pos)
+        random.setstate(ref_rng.py.getstate())
+        torch.set_rng_state(ref_rng.torch.get_state())
+        ref = timm_erase(x.clone())
+        assert torch.equal(ours, ref)
+        erased += not torch.equal(ours, x)
+    assert 10 < erased < 30  # about half of the images get a box
+
+
+def test_training_batches_do_not_depend_on_workers_or_processes(synth_root):
+    """The same keys give the same tensors in any worker, and two ranks' halves are the one-process batch."""
+    from hybrid_reid.data import build_train_loader
+
+    data = RGBNT201.load(synth_root, MODS)
+    tf = PairedTransform((32, 16), (0.5,) * 3, (0.5,) * 3, train=True)
+
+    def batches(workers, replicas=1, rank=0):
+        loader = build_train_loader(data.train, MODS, tf, 8, 2, seed=3, num_workers=workers, num_replicas=replicas,
+                                    rank=rank)
+        loader.batch_sampler.set_epoch(1)
+        return list(loader)
+
+    zero, two = batches(0), batches(2)
+    assert len(zero) == len(two) > 1
+    for a, b in zip(zero, two):
+        assert torch.equal(a["indices"], b["indices"])
+        assert all(torch.equal(a["images"][m], b["images"][m]) for m in MODS)
+    halves = [batches(0, 2, r) for r in range(2)]
+    for step, full in enumerate(zero):
+        parts = [halves[r][step] for r in range(2)]
+        order = torch.cat([p["indices"] for p in parts]).argsort()
+        merged = {m: torch.cat([p["images"][m] for p in parts])[order] for m in MODS}
+        assert all(torch.equal(merged[m], full["images"][m][full["indices"].argsort()]) for m in MODS)

@@ -95,8 +95,18 @@ def test_eval_cli_reproduces_the_training_metrics(trained, data_root, tmp_path):
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
                    *tiny_overrides(data_root, tmp_path / "eval", 8))
     assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    ev = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert ev["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3) and ev["rank1"] == metrics["rank1"]
+    # pointed at the training run's own folder, eval leaves the run's metrics.json as it was
+    before = (out / "metrics.json").read_bytes()
+    run_args = ["run.py", "eval", "--config", str(out / "config.yaml"), "--checkpoint", str(out / "model.safetensors")]
+    r = run_python(*run_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "metrics.json").read_bytes() == before
+    assert json.loads((out / "eval_metrics.json").read_text())["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3)
+    r = run_python(*run_args, "--out", str(out / "metrics.json"))
+    assert r.returncode == 2 and "would replace a training run's metrics.json" in r.stderr
+    assert (out / "metrics.json").read_bytes() == before
     # a checkpoint folder works too, and a checkpoint for another model is refused with its keys named
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "checkpoints" / "epoch_008"),
                    *tiny_overrides(data_root, tmp_path / "eval2", 8))
@@ -180,7 +190,7 @@ def test_experts_text_and_any_combination_eval_end_to_end(data_root, tmp_path):
                    "model.mer.enabled=true", "model.tokenizers.enabled=true", "model.sdm.enabled=true",
                    "model.sdm.semantic_dim=32", "eval.query_modalities=[text]", "eval.gallery_modalities=[rgb, nir]")
     assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert ev["query_modalities"] == ["text"] and 0 < ev["mAP"] <= 100
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
                    *tiny_overrides(data_root, tmp_path / "ev2", 2), "eval.query_modalities=[sketch]")
@@ -193,7 +203,7 @@ def test_missing_modality_protocol_scores_each_case(trained, data_root, tmp_path
     r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
                    *tiny_overrides(data_root, tmp_path / fill, 8), "eval.protocol=missing", f"eval.missing_fill={fill}")
     assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads((tmp_path / fill / "metrics.json").read_text())
+    ev = json.loads((tmp_path / fill / "eval_metrics.json").read_text())
     assert ev["mAP"] == pytest.approx(metrics["mAP"], abs=1e-3)  # the full-input numbers stay on top
     cases = ev["missing"]
     assert list(cases) == ["r", "n", "t", "rn", "rt", "nt", "average"]

@@ -1,5 +1,6 @@
-"""Modality experts on clip, vit and hybrid: tokenizers and MER LoRA (peft)."""
+"""Modality experts on clip, vit and hybrid: tokenizers and MER LoRA (equal to peft's LoRA)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -155,3 +156,45 @@ def test_lora_never_targets_the_patch_embedding_and_blocks_are_configurable():
     assert not any("patch_embed" in n for n, _ in model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="model.vit: model.mer.blocks"):
         expert_model("vit", "model.mer.blocks=[5]")
+
+
+def test_lora_experts_equal_peft_lora_with_the_same_weights():
+    """Our routed LoRA layers compute peft's LoRA for the routed modality, with peft's key layout."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    ours = create_backbone("vit", arch="vit_base_patch16_224", img_size=(64, 32), width=64, layers=2, heads=2).eval()
+    ref_tower = copy.deepcopy(ours.tower)
+    ours.experts.add_lora(["rgb", "nir"], rank=4, alpha=2.0)
+    config = LoraConfig(r=4, lora_alpha=2.0, target_modules=r"blocks\.(0|1)\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose
+        for m in ("rgb", "nir"):
+            inject_adapter_in_model(config, ref_tower, adapter_name=m)
+    assert set(ref_tower.state_dict()) == set(ours.tower.state_dict())  # peft's layout: checkpoints interchange
+    with torch.no_grad():
+        for n, p in ours.tower.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.1)
+    ref_tower.load_state_dict(ours.tower.state_dict())
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        for m in ("rgb", "nir"):
+            for layer in ref_tower.modules():
+                if isinstance(layer, LoraLayer):
+                    layer.set_adapter(m)
+            expected = ref_tower.forward_features(x)[:, 0]
+            got = ours(x, modality=m).cls
+            assert torch.allclose(got, expected, atol=1e-5), (m, (got - expected).abs().max())
+
+
+def test_routing_never_changes_parameters():
+    """Switching modality is an attribute on the routed layers: requires_grad stays as built."""
+    model, _ = expert_model("hybrid")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    images, cams, _ = batch(4)
+    model(images, cams)
+    model({"nir": images["nir"]}, cams)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(before[n] for n in before if "lora_" in n)

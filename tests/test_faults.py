@@ -10,7 +10,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+import yaml
+from conftest import ROOT, run_python
 from safetensors.torch import load_file
 from test_engine import QUICK, tiny_overrides
 
@@ -24,7 +25,7 @@ from hybrid_reid.engine.state import (
     _sha256,
     verify_checkpoint,
 )
-from hybrid_reid.engine.train import TrainingDiverged
+from hybrid_reid.engine.train import ConfigChangedError, TrainingDiverged
 from hybrid_reid.models import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -101,13 +102,14 @@ def _launch(out, data_root, epochs, *extra):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _wait_for(predicate, proc, timeout=240):
+def _wait_for(predicate, proc, timeout=600):
+    """Wait for an event the run signals (a file it writes), or fail if the run ends first."""
     t0 = time.time()
     while not predicate():
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early: {proc.stderr.read()[-2000:]}")
         if time.time() - t0 > timeout:
-            raise AssertionError("timed out")
+            raise AssertionError("the run never reached the pause point")
         time.sleep(0.05)
 
 
@@ -116,17 +118,18 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(data_root, tmp_path
     uninterrupted = train(load_config(QUICK, tiny_overrides(data_root, full, 4)))
 
     out = tmp_path / "killed"
-    proc = _launch(out, data_root, 4)
-    ckpts = out / "checkpoints"
-    # kill at a moment that is not an epoch boundary: while epoch 2 trains (after epoch 1's checkpoint)
-    _wait_for(lambda: (ckpts / "epoch_001").is_dir(), proc)
-    time.sleep(0.7)
+    # the run stops itself after step 9 (in epoch 2, after epoch 1's checkpoint) and waits there: the kill
+    # lands at that exact point, however fast or slow the machine
+    proc = _launch(out, data_root, 4, "debug.pause_after_step=9")
+    _wait_for(lambda: (out / ".paused").exists(), proc)
+    assert (out / ".paused").read_text().strip() == "9"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    ckpts = out / "checkpoints"
     assert not (out / "metrics.json").exists()
-    for name in os.listdir(ckpts):  # only complete checkpoints carry a real name
-        if not name.startswith("."):
-            verify_checkpoint(str(ckpts / name))
+    assert [n for n in os.listdir(ckpts) if not n.startswith(".")] == ["epoch_001"]
+    verify_checkpoint(str(ckpts / "epoch_001"))  # only complete checkpoints carry a real name
+    os.remove(out / ".paused")
 
     with pytest.raises(OutputDirNotEmptyError, match="pass --resume"):  # no silent overwrite
         train(load_config(QUICK, tiny_overrides(data_root, out, 4)))
@@ -138,6 +141,31 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(data_root, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in records(out) if r["kind"] == "epoch"] == [1, 2, 3, 4]
     assert not any(n.startswith(".") for n in os.listdir(ckpts))  # leftovers of the kill cleaned up
+
+
+def test_resume_with_a_changed_config_refuses_naming_the_keys(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(QUICK, tiny_overrides(data_root, out, 1)))
+    reset_accelerate()
+    changed = tiny_overrides(data_root, out, 2) + ["optim.lr=0.5", "model.fusion=sum"]
+    with pytest.raises(ConfigChangedError) as e:
+        train(load_config(QUICK, changed), resume="latest")
+    msg = str(e.value)
+    assert "optim.lr (0.002 -> 0.5)" in msg and "train.epochs (1 -> 2)" in msg and "model.fusion ('concat' -> 'sum')" \
+        in msg and "--allow-config-change" in msg
+    assert "data.num_workers" not in msg
+    reset_accelerate()  # settings that cannot change the result are allowed
+    same = train(load_config(QUICK, tiny_overrides(data_root, out, 1) + ["data.num_workers=1", "train.eval_every=1",
+                                                                          "train.log_every=5"]), resume="latest")
+    assert same["epoch"] == 1
+    reset_accelerate()  # and with --allow-config-change the run goes on with the new values
+    r = run_python("run.py", "train", "--config", QUICK, *tiny_overrides(data_root, out, 2), "optim.lr=0.5",
+                   "--resume", "--allow-config-change")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming with a changed config: optim.lr (0.002 -> 0.5)" in r.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.5
+    r = run_python("run.py", "train", "--config", QUICK, *tiny_overrides(data_root, out, 3), "--resume")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --resume: the config differs")
 
 
 def test_truncated_checkpoint_is_reported_and_resume_falls_back(data_root, tmp_path, caplog):

@@ -1,13 +1,14 @@
 """The RGBNT100, MSVR310 and ORBench readers on their synthetic layouts, and their errors."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from hybrid_reid.data import DataError, MultiModalDataset, PairedTransform, SynthSpec, generate
+from hybrid_reid.data import DataError, MultiModalDataset, PairedTransform, SampleKey, SynthSpec, generate
 from hybrid_reid.data.datasets import DATASETS, ORBench, open_image
 
 SPEC = SynthSpec(ids=12, cams=3, images_per_cam=2, seed=5, size=(64, 32))
@@ -91,23 +92,70 @@ def test_orbench_train_pools_and_query_sets(roots):
     assert s.text.startswith("a person in a") and set(s.pools) == {"nir", "cpencil", "sketch"}
     assert len(s.pools["sketch"]) == 6 and all(f"{os.sep}sk{os.sep}" in p for p in s.pools["sketch"])
     assert len(data.gallery) == N_TEST * 6 and all(list(g.paths) == ["rgb"] for g in data.gallery)
-    assert len(data.query_sets) == 15  # every non-empty combination of NIR, CP, SK, TEXT
+    assert len(data.query_sets) == 32  # the benchmark's ordered sets: 4 single, 12 pairs, 12 triples, 4 quadruples
+    assert [sum(len(k.split("+")) == n for k in data.query_sets) for n in (1, 2, 3, 4)] == [4, 12, 12, 4]
+    assert "nir+cpencil" in data.query_sets and "cpencil+nir" in data.query_sets  # two tasks
     q = data.query_sets["nir+cpencil+text"]
     assert len(q) == 2 * N_TEST and q[0].modalities == ["nir", "cpencil", "text"]
     assert {x.pid for x in q} == {g.pid for g in data.gallery}
     # a narrower data.modalities keeps only the sets it can answer
     narrow = ORBench.load(roots["orbench"], ["rgb", "sketch", "text"])
-    assert list(narrow.query_sets) == ["sketch", "text", "sketch+text"]
+    assert list(narrow.query_sets) == ["sketch", "text", "text+sketch", "sketch+text"]
     table = data.summary_table()
     assert "query nir+cpencil+sketch+text" in table and "# cpencil" in table
+
+
+def test_orbench_synthetic_set_has_the_benchmarks_structure(roots):
+    """What the ReID5o authors' reader requires: training ids 1..N, the 32 ordered keys, and entries
+    ``[pid, item per modality in the key's order]``."""
+    from hybrid_reid.data.synth import ORBENCH_QUERY_SETS
+
+    base = os.path.join(roots["orbench"], "ORBench")
+    with open(os.path.join(base, "train_annos.json")) as f:
+        train = json.load(f)
+    ids = sorted({a["id"] for a in train})
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) == N_TRAIN
+    assert all(a["file_path"].split("/")[1] == f"{a['id']:04d}" for a in train)
+    with open(os.path.join(base, "test_gallery_and_queries.json")) as f:
+        spec = json.load(f)
+    assert list(spec) == ["RGB_GALLERY", *ORBENCH_QUERY_SETS] and len(ORBENCH_QUERY_SETS) == 32
+    assert min(pid for pid, _ in spec["RGB_GALLERY"]) == N_TRAIN + 1  # test ids follow the training ids
+    dirs = {"NIR": "nir/", "CP": "cp/", "SK": "sk/"}
+    for key in ORBENCH_QUERY_SETS:
+        for entry in spec[key]:
+            assert len(entry) == 1 + len(key.split("+")) and isinstance(entry[0], int)
+            for m, item in zip(key.split("+"), entry[1:]):
+                assert item.startswith(dirs[m]) if m != "TEXT" else item.startswith("a person")
+
+
+def test_orbench_entries_are_read_by_position(roots, tmp_path):
+    root = fresh_copy(roots, "orbench", "ORBench", tmp_path)
+    path = os.path.join(root, "ORBench", "test_gallery_and_queries.json")
+    with open(path) as f:
+        spec = json.load(f)
+    good = ORBench.load(root, ["rgb", "nir", "cpencil"])
+    a, b = good.query_sets["nir+cpencil"][0], good.query_sets["cpencil+nir"][0]
+    assert list(a.paths) == ["nir", "cpencil"] and list(b.paths) == ["cpencil", "nir"]
+    for broken, why in (([*spec["NIR"][0], 7], "an extra trailing integer"),
+                        ([spec["CP+NIR"][0][0], spec["CP+NIR"][0][2], spec["CP+NIR"][0][1]], "swapped items"),
+                        ([str(spec["NIR"][0][0]), spec["NIR"][0][1]], "a pid that is not an integer")):
+        key = "CP+NIR" if why == "swapped items" else "NIR"
+        spec2 = json.loads(json.dumps(spec))
+        spec2[key][0] = broken
+        with open(path, "w") as f:
+            json.dump(spec2, f)
+        with pytest.raises(DataError, match=rf"{re.escape(key)} entry .* does not hold a pid and exactly"):
+            ORBench.load(root, ["rgb", "nir", "cpencil"])
 
 
 def test_orbench_resamples_unpaired_modalities_in_training(roots):
     data = ORBench.load(roots["orbench"], ["rgb", "nir"])
     tf = PairedTransform((64, 32), (0.5,) * 3, (0.5,) * 3, train=False)
     train_ds = MultiModalDataset(data.train[:1], ["rgb", "nir"], tf, resample=True)
-    seen = {train_ds[0]["images"]["nir"].sum().item() for _ in range(30)}
-    assert len(seen) > 1  # a different NIR image of the identity across accesses
+    seen = {train_ds[SampleKey(0, 0, pos)]["images"]["nir"].sum().item() for pos in range(30)}
+    assert len(seen) > 1  # a different NIR image of the identity at other places of the epoch ...
+    again = {train_ds[SampleKey(0, 0, 5)]["images"]["nir"].sum().item() for _ in range(5)}
+    assert len(again) == 1  # ... and the same one for the same place
     test_ds = MultiModalDataset(data.train[:1], ["rgb", "nir"], tf)
     assert len({test_ds[0]["images"]["nir"].sum().item() for _ in range(5)}) == 1
 

@@ -171,6 +171,9 @@ class ModelConfig:
         text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
         clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`) against a frozen
             CLIP image tower built from ``model.clip`` (any backbone).
+        sync_bn: BatchNorm layers (the BNNeck ...) normalise with the statistics of the global batch
+            when several processes train, so R processes train the model one process does. null
+            (default) = on whenever several processes train; false = per-process statistics.
     """
 
     backbone: Literal["clip", "vit", "hybrid"] = "clip"
@@ -192,6 +195,7 @@ class ModelConfig:
     sdm: SDMConfig = field(default_factory=SDMConfig)
     text: TextConfig = field(default_factory=TextConfig)
     clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
+    sync_bn: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.feat_dim <= 0:
@@ -285,6 +289,10 @@ class TrainConfig:
         keep_checkpoints: how many epoch checkpoints to keep in ``OUTPUT_DIR/checkpoints``.
         max_bad_steps: consecutive non-finite steps (loss or gradient norm NaN/inf; each is
             skipped) after which the run stops with a checkpoint of the last good state.
+        deterministic: bitwise-repeatable GPU runs: ``torch.use_deterministic_algorithms``, cuDNN
+            deterministic with autotuning off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (slower kernels;
+            CPU runs are repeatable without it).
+        compile: wrap the model in ``torch.compile`` (the training forward has no graph breaks).
     """
 
     epochs: int = 60
@@ -298,6 +306,8 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     max_bad_steps: int = 10
+    deterministic: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_bad_steps < 1:
@@ -368,9 +378,13 @@ class DebugConfig:
 
     Attributes:
         nan_at_steps: global optimizer steps (1-based) whose loss is made NaN.
+        pause_after_step: after this global optimizer step the main process writes
+            ``OUTPUT_DIR/.paused`` (holding the step number) and waits until the file is deleted,
+            so a test can kill or inspect a run at an exact point instead of after a sleep.
     """
 
     nan_at_steps: List[int] = field(default_factory=list)
+    pause_after_step: Optional[int] = None
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Data: data sets (registry), the synthetic generator, paired transforms, the PK sampler, loaders."""
 from .datasets import DATASETS, DataError, ReIDData, Sample, canonical_modality, load_data
-from .loader import MultiModalDataset, PKSampler, build_test_loader, build_train_loader
+from .loader import MultiModalDataset, PKSampler, SampleKey, build_test_loader, build_train_loader
 from .synth import SynthSpec, generate
-from .transforms import PairedTransform
+from .transforms import PairedTransform, SampleRNG
 
 __all__ = ["DATASETS", "DataError", "MultiModalDataset", "PKSampler", "PairedTransform", "ReIDData", "Sample",
-           "SynthSpec", "build_test_loader", "build_train_loader", "canonical_modality", "generate",
-           "load_data"]
+           "SampleKey", "SampleRNG", "SynthSpec", "build_test_loader", "build_train_loader", "canonical_modality",
+           "generate", "load_data"]

@@ -445,11 +445,14 @@ class ORBench:
 
     Training: every ``train_annos.json`` entry (``{"id", "file_path": "vis/<id>/x.jpg", "caption"}``)
     is an RGB image with its caption; the other image modalities are not paired with it and are
-    drawn, at every step, from the same identity's folder (``Sample.pools``). Test: the RGB gallery
-    (``RGB_GALLERY``: ``[pid, path]``) and one query set per other key (``NIR``, ``CP+SK``,
-    ``NIR+CP+SK+TEXT``, ...), whose entries hold the pid, the image paths and the caption; a set
-    whose modalities are not all in ``data.modalities`` is left out. There are no cameras: the
-    ``orbench`` protocol filters none.
+    drawn, for every training sample, from the same identity's folder (``Sample.pools``). Test: the
+    RGB gallery (``RGB_GALLERY``: ``[pid, path]``) and one query set per other key: the benchmark has
+    32 *ordered* sets (``NIR``, ..., ``CP+NIR`` and ``NIR+CP`` as two tasks, ..., 4 quadruples; see
+    :data:`hybrid_reid.data.synth.ORBENCH_QUERY_SETS`), named here by their canonical modalities in
+    the key's order (``cpencil+nir``). An entry is read by position: ``[pid, one item per modality
+    of the key, in its order]`` (an image path under that modality's folder, or the caption for
+    ``TEXT``). A set whose modalities are not all in ``data.modalities`` is left out. There are no
+    cameras: the ``orbench`` protocol filters none.
     """
 
     candidates = ("ORBench", "orbench", "")
@@ -545,24 +548,25 @@ class ORBench:
 
     @classmethod
     def _entry(cls, path: str, key: str, entry, base: str, qmods: List[str]) -> Sample:
-        """``[pid, image paths..., caption]`` (in any order: ints are the pid, image files are placed
-        by their folder, other strings are the caption) -> a Sample with exactly ``qmods``."""
-        pid, paths, text = None, {}, None
-        for x in entry if isinstance(entry, list) else []:
-            if isinstance(x, int):
-                pid = x
-            elif isinstance(x, str) and x.lower().endswith(IMAGE_EXTENSIONS):
-                folder = x.replace("\\", "/").split("/")[0]
-                m = next((k for k, v in cls.modality_dirs.items() if v == folder), None)
-                if m is None:
-                    raise DataError(f"{path}: {key}: {x} is not under {'/, '.join(cls.modality_dirs.values())}/")
-                paths[m] = os.path.join(base, x)
-            elif isinstance(x, str):
+        """``[pid, item per modality of the key, in the key's order]`` -> a Sample with exactly
+        ``qmods``, read by position as the benchmark defines it: an image item must lie in its
+        modality's folder, a ``TEXT`` item is the caption, and anything more or less is an error."""
+        bad = f"{path}: {key} entry {entry!r} does not hold a pid and exactly {qmods}"
+        if not isinstance(entry, list) or len(entry) != 1 + len(qmods) or isinstance(entry[0], bool) \
+                or not isinstance(entry[0], int):
+            raise DataError(f"{bad} (expected [pid, {', '.join(qmods)}])")
+        paths, text = {}, None
+        for m, x in zip(qmods, entry[1:]):
+            if not isinstance(x, str):
+                raise DataError(f"{bad}: the {m} item {x!r} is not a string")
+            if m == "text":
                 text = x
-        want_images = [m for m in qmods if m != "text"]
-        if pid is None or sorted(paths) != sorted(want_images) or (("text" in qmods) != (text is not None)):
-            raise DataError(f"{path}: {key} entry {entry!r} does not hold a pid and exactly {qmods}")
-        return Sample(paths, pid, 0, text=text)
+                continue
+            folder = x.replace("\\", "/").split("/")[0]
+            if folder != cls.modality_dirs[m]:
+                raise DataError(f"{bad}: the {m} item {x} is not under {cls.modality_dirs[m]}/")
+            paths[m] = os.path.join(base, x)
+        return Sample(paths, entry[0], 0, text=text)
 
 
 @DATASETS.register("market1501")

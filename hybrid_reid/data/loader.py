@@ -2,18 +2,32 @@
 
 A batch is a dict: ``{"images": {modality: [B, 3, H, W]}, "pids": [B], "cam_ids": [B],
 "view_ids": [B], "indices": [B]}``; the ``text`` modality is token ids ``[B, L]`` under ``images``.
+
+Randomness belongs to the sample, not to the worker: the training sampler yields
+:class:`SampleKey` s ``(index, epoch, position)`` — ``position`` is the sample's place in the epoch's
+global batch order — and the data set seeds that sample's augmentation (and ORBench's draw of its
+unpaired images) from ``(seed, epoch, position)``. An epoch's batches are therefore the same for
+any ``data.num_workers`` and any number of training processes.
 """
 from __future__ import annotations
 
-import random
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import DataError, Sample, open_image
-from .transforms import PairedTransform
+from .transforms import PairedTransform, SampleRNG
+
+
+class SampleKey(NamedTuple):
+    """What a training batch sampler yields per sample: the data set index, the epoch and the
+    sample's position in the epoch's global batch order (which seeds its random decisions)."""
+
+    index: int
+    epoch: int
+    position: int
 
 
 class MultiModalDataset(Dataset):
@@ -25,13 +39,18 @@ class MultiModalDataset(Dataset):
         transform: decoding (:meth:`PairedTransform.load`) and augmentation.
         cache: decode and resize every image once, up front (uint8 at the network size, shared
             with forked loader workers); then a step only augments. Costs ``3*H*W`` bytes per image.
-        resample: draw unpaired modalities (``Sample.pools``, ORBench) afresh at every access
-            (training); otherwise each sample's fixed ``paths`` are used.
+        resample: draw unpaired modalities (``Sample.pools``, ORBench) afresh for every
+            :class:`SampleKey` (training); otherwise each sample's fixed ``paths`` are used.
+        seed: the run's seed, mixed into every sample's random stream.
+
+    Indexing with a :class:`SampleKey` seeds the sample's augmentation and draws from ``(seed,
+    epoch, position)``; a plain ``int`` index is the sample without randomness (evaluation), or, for
+    a training transform, the key ``(i, 0, i)``.
     """
 
     def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
                  cache: bool = False, tokenize: Optional[Callable[[str], torch.Tensor]] = None,
-                 resample: bool = False) -> None:
+                 resample: bool = False, seed: int = 0) -> None:
         self.samples = list(samples)
         self.modalities = [m for m in modalities if m != "text"]
         self.with_text = "text" in modalities
@@ -45,6 +64,7 @@ class MultiModalDataset(Dataset):
         self.tokenize = tokenize
         self.transform = transform
         self.resample = resample
+        self.seed = int(seed)
         self.cache: Optional[Dict[Tuple[str, Optional[Tuple[int, int]]], torch.Tensor]] = None
         if cache:
             self.cache = {}
@@ -72,14 +92,19 @@ class MultiModalDataset(Dataset):
         except Exception as e:
             raise DataError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
 
-    def _image(self, s: Sample, m: str) -> torch.Tensor:
+    def _image(self, s: Sample, m: str, rng: Optional[SampleRNG]) -> torch.Tensor:
         candidates = self._candidates(s, m)
-        key = self._key(s, m, candidates[0] if len(candidates) == 1 else random.choice(candidates))
+        key = self._key(s, m, candidates[0] if len(candidates) == 1 or rng is None else rng.py.choice(candidates))
         return self.cache[key] if self.cache is not None else self._read(*key)
 
-    def __getitem__(self, i: int) -> Dict[str, object]:
+    def __getitem__(self, key: Union[int, SampleKey]) -> Dict[str, object]:
+        if not isinstance(key, SampleKey) and (self.transform.train or self.resample):
+            key = SampleKey(int(key), 0, int(key))
+        rng = SampleRNG(self.seed, key.epoch, key.position) if isinstance(key, SampleKey) else None
+        i = key.index if isinstance(key, SampleKey) else int(key)
         s = self.samples[i]
-        inputs = self.transform({m: self._image(s, m) for m in self.modalities})
+        images = {m: self._image(s, m, rng) for m in self.modalities}
+        inputs = self.transform(images, rng) if self.transform.train else self.transform(images)
         if self.with_text:
             inputs["text"] = self.tokenize(s.text or "")[0]
         return {"images": inputs, "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid, "indices": i}
@@ -94,7 +119,9 @@ class PKSampler(Sampler[List[int]]):
     identity with fewer than K images repeats some, as torchreid's sampler does). With R ranks,
     rank r takes identities ``r, r+R, ...`` of every global batch: ``P/R * K`` images per rank
     and step, the global batch unchanged. The order depends only on ``seed`` and the epoch
-    (:meth:`set_epoch`), so a resumed run sees the same batches.
+    (:meth:`set_epoch`), so a resumed run sees the same batches. Batches are lists of
+    :class:`SampleKey` (index, epoch, position in the epoch's global order), which seed each
+    sample's augmentation in :class:`MultiModalDataset`.
 
     Args:
         pids: the label of every sample.
@@ -163,26 +190,32 @@ class PKSampler(Sampler[List[int]]):
             batches.append([take_images(p) for p in chosen])
         return batches
 
-    def __iter__(self) -> Iterator[List[int]]:
-        for batch in self.global_batches():
-            mine = batch[self.rank::self.num_replicas]
-            yield [i for ids in mine for i in ids]
+    def __iter__(self) -> Iterator[List[SampleKey]]:
+        for b, batch in enumerate(self.global_batches()):
+            start = b * self.batch_size
+            keys = [SampleKey(i, self.epoch, start + j * self.k + n)
+                    for j, ids in enumerate(batch) for n, i in enumerate(ids)]
+            mine = [keys[j * self.k:(j + 1) * self.k] for j in range(self.rank, len(batch), self.num_replicas)]
+            yield [key for ids in mine for key in ids]
 
 
 def build_train_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
                        batch_size: int, num_instances: int, seed: int, num_workers: int,
                        num_replicas: int = 1, rank: int = 0, cache: bool = False,
                        tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
+    """The training loader: P x K batches of this rank's identities, each sample's augmentation
+    seeded by (``seed``, epoch, position), so its batches do not depend on ``num_workers`` or on
+    the number of processes. ``pin_memory`` and persistent workers are on when a GPU is used."""
     sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank)
-    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize, resample=True),
-                      batch_sampler=sampler,
-                      num_workers=num_workers, persistent_workers=False, pin_memory=False)
+    gpu = torch.cuda.is_available()
+    return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize, resample=True, seed=seed),
+                      batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=gpu and num_workers > 0, pin_memory=gpu)
 
 
 def build_test_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
                       batch_size: int, num_workers: int, cache: bool = False,
                       tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
     return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize), batch_size=batch_size,
-                      shuffle=False,
-                      num_workers=num_workers)
+                      shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available())
 

@@ -164,7 +164,17 @@ def _render(codes, build, cam, jitter, size, rng, drawings: bool = False) -> Tup
 
 LAYOUTS = {"rgbnt201": "RGBNT201", "market1501": "Market-1501-v15.09.15", "rgbnt100": "RGBNT100",
            "msvr310": "MSVR310", "orbench": "ORBench"}
-ORBENCH_QUERY_MODALITIES = ("NIR", "CP", "SK", "TEXT")
+# The 32 ordered query sets of ORBench's test_gallery_and_queries.json, as the benchmark defines them
+# (read off the ReID5o authors' reader): 4 single, 12 ordered pairs, 12 ordered triples, 4 quadruples.
+# An entry is [pid, one item per modality of the key, in the key's order]; TEXT is the caption.
+ORBENCH_QUERY_SETS = (
+    "NIR", "CP", "SK", "TEXT",
+    "TEXT+NIR", "NIR+TEXT", "TEXT+SK", "SK+TEXT", "TEXT+CP", "CP+TEXT",
+    "SK+CP", "CP+SK", "SK+NIR", "NIR+SK", "CP+NIR", "NIR+CP",
+    "TEXT+CP+SK", "CP+SK+TEXT", "SK+CP+TEXT", "CP+NIR+TEXT", "NIR+CP+TEXT", "TEXT+NIR+CP",
+    "SK+NIR+TEXT", "NIR+SK+TEXT", "TEXT+NIR+SK", "CP+NIR+SK", "NIR+CP+SK", "SK+NIR+CP",
+    "TEXT+NIR+CP+SK", "SK+NIR+CP+TEXT", "CP+NIR+SK+TEXT", "NIR+CP+SK+TEXT",
+)
 
 
 def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, layout: str = "rgbnt201") -> str:
@@ -185,10 +195,13 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
             * ``msvr310``: ``MSVR310/<split>/<vid>/{vis,ni,th}/``; capture ``k`` of every camera is
               scene ``k + 1``; the first capture of camera 0 is each test identity's query
               (``query3``), everything else the gallery, so the same-scene rule matters;
-            * ``orbench``: ``ORBench/{vis,nir,cp,sk}/<id>/`` with colour-pencil drawings (the RGB
-              code) and sketches (the NIR code), ``train_annos.json`` with captions and
-              ``test_gallery_and_queries.json`` (RGB gallery, every non-empty combination of
-              NIR, CP, SK and TEXT as a query set, two queries per test identity).
+            * ``orbench``: ``ORBench/{vis,nir,cp,sk}/<id:04d>/`` with colour-pencil drawings (the
+              RGB code) and sketches (the NIR code), in the benchmark's structure: training
+              identities numbered 1..N (``train_annos.json`` with captions; the ReID5o reader
+              requires it), test identities after them, and ``test_gallery_and_queries.json``
+              with the RGB gallery and the benchmark's 32 ordered query sets
+              (:data:`ORBENCH_QUERY_SETS`, entries ``[pid, item per modality in the key's order]``),
+              two queries per test identity.
 
     Returns:
         The path of the written folder.
@@ -208,6 +221,9 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
                  scale=rng.uniform(0.78, 0.95), dx=rng.uniform(-0.08, 0.08), dy=rng.uniform(0.01, 0.08))
             for _ in range(spec.cams)]
     test_ids = set(rng.choice(spec.ids, size=spec.num_test, replace=False).tolist())
+    # ORBench numbers identities 1..N in training, the test identities after them; others pid + 1
+    order = sorted(range(spec.ids), key=lambda p: (p in test_ids, p)) if layout == "orbench" else range(spec.ids)
+    number = {pid: i + 1 for i, pid in enumerate(order)}
     tmp = tempfile.mkdtemp(dir=out, prefix=f".tmp-{folder}-")
     try:
         for pid in range(spec.ids):
@@ -216,11 +232,11 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
                     jitter = rng.uniform([-0.05, -0.05, -0.03], [0.05, 0.05, 0.03])
                     images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng,
                                      drawings=layout == "orbench")
-                    for path, img in _layout_files(layout, pid, c, k, pid in test_ids, images):
+                    for path, img in _layout_files(layout, pid, c, k, pid in test_ids, images, number[pid]):
                         os.makedirs(os.path.join(tmp, os.path.dirname(path)), exist_ok=True)
                         Image.fromarray(img).save(os.path.join(tmp, path), quality=92)
         if layout == "orbench":
-            _orbench_annotations(tmp, spec, codes, test_ids)
+            _orbench_annotations(tmp, spec, codes, test_ids, number)
         if layout == "market1501":  # what the real gallery also holds: junk (-1) and distractors (0)
             for j, pid in enumerate((-1, -1, 0, 0)):
                 noise = rng.uniform(0, 255, (*spec.size, 3)).astype(np.uint8)
@@ -244,8 +260,9 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
     return target
 
 
-def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images):
-    """``(relative path, image)`` pairs one rendered sample becomes in ``layout``."""
+def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images, number: int):
+    """``(relative path, image)`` pairs one rendered sample becomes in ``layout`` (``number``: the
+    identity's number in layouts that renumber, ORBench)."""
     market_split = ("query" if k == 0 else "bounding_box_test") if test else "bounding_box_train"
     if layout == "market1501":
         return [(os.path.join(market_split, f"{pid + 1:04d}_c{cam + 1}s1_{k:06d}_00.jpg"), images[0])]
@@ -258,39 +275,41 @@ def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images):
         return [(os.path.join(split, f"{pid + 1:04d}", d, name), img)
                 for d, img in zip(("vis", "ni", "th"), images)]
     if layout == "orbench":
-        name = f"{pid + 1:04d}_{cam}_{k:02d}.jpg"
-        return [(os.path.join(d, f"{pid + 1:04d}", name), img)
+        name = f"{number:04d}_{cam}_{k:02d}.jpg"
+        return [(os.path.join(d, f"{number:04d}", name), img)
                 for d, img in zip(("vis", "nir", "cp", "sk"), (images[0], images[1], images[3], images[4]))]
     split = "test" if test else "train_171"
     name = f"{pid + 1:06d}_cam{cam + 1}_{k:02d}.jpg"
     return [(os.path.join(split, d, name), img) for d, img in zip(MODALITY_DIRS, images)]
 
 
-def _orbench_annotations(tmp: str, spec: SynthSpec, codes: np.ndarray, test_ids) -> None:
-    """ORBench's ``train_annos.json`` and ``test_gallery_and_queries.json`` for the images in ``tmp``."""
-    from itertools import combinations
+def _orbench_annotations(tmp: str, spec: SynthSpec, codes: np.ndarray, test_ids, number) -> None:
+    """ORBench's ``train_annos.json`` (ids 1..N) and ``test_gallery_and_queries.json`` (the RGB
+    gallery and the 32 ordered query sets, entries by position) for the images in ``tmp``."""
 
     def files(d: str, pid: int):
-        return [f"{d}/{pid + 1:04d}/{n}" for n in sorted(os.listdir(os.path.join(tmp, d, f"{pid + 1:04d}")))]
+        folder = f"{number[pid]:04d}"
+        return [f"{d}/{folder}/{n}" for n in sorted(os.listdir(os.path.join(tmp, d, folder)))]
 
-    train = [{"id": pid + 1, "file_path": f, "caption": caption(codes[pid])}
-             for pid in range(spec.ids) if pid not in test_ids for f in files("vis", pid)]
-    spec_json = {"RGB_GALLERY": [[pid + 1, f] for pid in sorted(test_ids) for f in files("vis", pid)]}
+    train_ids = sorted((p for p in range(spec.ids) if p not in test_ids), key=number.get)
+    test = sorted(test_ids, key=number.get)
+    train = [{"id": number[pid], "file_path": f, "caption": caption(codes[pid])}
+             for pid in train_ids for f in files("vis", pid)]
+    spec_json = {"RGB_GALLERY": [[number[pid], f] for pid in test for f in files("vis", pid)]}
     dirs = {"NIR": "nir", "CP": "cp", "SK": "sk"}
-    for r in range(1, len(ORBENCH_QUERY_MODALITIES) + 1):
-        for combo in combinations(ORBENCH_QUERY_MODALITIES, r):
-            entries = []
-            for pid in sorted(test_ids):
-                for j in range(2):
-                    entry = [pid + 1]
-                    for i, m in enumerate(combo):
-                        if m == "TEXT":
-                            entry.append(caption(codes[pid]))
-                        else:
-                            fs = files(dirs[m], pid)
-                            entry.append(fs[(j + i) % len(fs)])
-                    entries.append(entry)
-            spec_json["+".join(combo)] = entries
+    for key in ORBENCH_QUERY_SETS:
+        entries = []
+        for pid in test:
+            for j in range(2):
+                entry = [number[pid]]
+                for i, m in enumerate(key.split("+")):
+                    if m == "TEXT":
+                        entry.append(caption(codes[pid]))
+                    else:
+                        fs = files(dirs[m], pid)
+                        entry.append(fs[(j + i) % len(fs)])
+                entries.append(entry)
+        spec_json[key] = entries
     with open(os.path.join(tmp, "train_annos.json"), "w") as f:
         json.dump(train, f)
     with open(os.path.join(tmp, "test_gallery_and_queries.json"), "w") as f:

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -43,6 +43,7 @@ from ..data import PairedTransform, ReIDData, build_train_loader, load_data
 from ..losses import build_criterion
 from ..models import CheckpointError, ReIDModel, build_model, load_model_weights
 from ..models.model import group_learning_rates
+from ..models.sync_bn import convert_sync_batchnorm
 from ..utils import atomic_path, write_atomic
 from .evaluator import METRIC_KEYS, Evaluator, metrics_table, save_features
 from .state import (
@@ -74,8 +75,10 @@ def resolve_config(cfg: Config, data: ReIDData) -> Config:
     return dataclasses.replace(cfg, model=model, data=data_cfg)
 
 
-def build_optimizer(model: ReIDModel, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the model's named parameter groups; no weight decay on 1-d parameters and embeddings."""
+def build_optimizer(model: ReIDModel, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the model's named parameter groups; no weight decay on 1-d parameters and embeddings.
+
+    ``fused``: torch's fused AdamW kernel (one launch for all parameters; the engine asks for it on CUDA)."""
     groups = model.param_groups()
     lrs = group_learning_rates(list(groups), cfg.lr, cfg.group_lr)
     param_groups = []
@@ -87,7 +90,7 @@ def build_optimizer(model: ReIDModel, cfg: OptimConfig) -> torch.optim.AdamW:
         for suffix, ps, wd in (("", decay, cfg.weight_decay), (".no_decay", no_decay, 0.0)):
             if ps:
                 param_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float) -> float:
@@ -140,12 +143,79 @@ class TrainingDiverged(RuntimeError):
     """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
 
 
-def _finite_everywhere(accelerator: Accelerator, value: torch.Tensor) -> bool:
-    """Whether ``value`` is finite on every process (one decision for all ranks, so DDP stays in step)."""
-    ok = torch.isfinite(value.detach()).all().float().reshape(1)
+def _all_processes(accelerator: Accelerator, flags: torch.Tensor) -> List[bool]:
+    """``flags`` (bool [K]) AND-ed over the processes, on the host: the one device sync of an
+    optimizer step's guard (one decision for all ranks, so DDP stays in step)."""
+    flags = flags.detach().reshape(-1).float()
     if accelerator.num_processes > 1:
-        ok = accelerator.gather(ok).min()
-    return bool(ok.item())
+        flags = accelerator.gather(flags.reshape(1, -1)).min(dim=0).values
+    return [bool(v) for v in flags.tolist()]
+
+
+def apply_determinism(enabled: bool) -> None:
+    """``train.deterministic``: the torch / cuDNN / cuBLAS switches for bitwise-repeatable GPU runs."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    logger.info("train.deterministic: deterministic algorithms on, cuDNN autotuning off, CUBLAS_WORKSPACE_CONFIG=%s. "
+                "Cost: GPU kernels without a deterministic variant raise an error, and scatter / index_add / "
+                "cuDNN convolutions use slower deterministic kernels (README, Reproducibility)",
+                os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
+# Keys a resumed run may change: they cannot change the weights or the numbers the run reports.
+RESUME_SAFE_KEYS = ("data.num_workers", "data.test_batch_size", "data.cache_images", "train.eval_every",
+                    "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "output_dir",
+                    "eval.chunk_size", "debug.pause_after_step")
+
+
+def _flatten(d: Dict[str, object], prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Dict[str, object], new: Dict[str, object]) -> List[Tuple[str, object, object]]:
+    """``(key, old value, new value)`` for every dotted key whose value differs, apart from
+    :data:`RESUME_SAFE_KEYS`."""
+    a, b = _flatten(old), _flatten(new)
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_SAFE_KEYS or any(key.startswith(k + ".") for k in RESUME_SAFE_KEYS):
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            changed.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
+    return changed
+
+
+class ConfigChangedError(ValueError):
+    """``--resume`` with a config that differs from the run's in a key that affects training."""
+
+
+def check_resume_config(cfg: Config, allow_change: bool) -> None:
+    """Compare the resolved ``cfg`` with ``OUTPUT_DIR/config.yaml`` of the run being resumed."""
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = yaml.safe_load(f) or {}
+    changes = config_changes(old, to_dict(cfg))
+    if not changes:
+        return
+    listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changes)
+    if not allow_change:
+        raise ConfigChangedError(f"--resume: the config differs from the run's {path} in {listed}; the checkpoint "
+                                 "was trained with the old values. Resume with the same config, or pass --resume "
+                                 "--allow-config-change to continue with the new ones")
+    logger.warning("--allow-config-change: resuming with a changed config: %s", listed)
 
 
 # ------------------------------------------------------------------------------- outputs, logging
@@ -218,9 +288,10 @@ def write_metrics(path: str, metrics: Dict[str, object], extra: Dict[str, object
 
 
 def report_metrics(cfg: Config, data: ReIDData, accelerator: Accelerator, metrics: Dict[str, object],
-                   t_start: float, **extra: object) -> Dict[str, object]:
-    """Write ``OUTPUT_DIR/metrics.json`` (the metrics, ``extra`` and the run's facts) and log it."""
-    path = os.path.join(cfg.output_dir, "metrics.json")
+                   t_start: float, path: Optional[str] = None, **extra: object) -> Dict[str, object]:
+    """Write ``path`` (default ``OUTPUT_DIR/metrics.json``: the metrics, ``extra`` and the run's facts)
+    and log it."""
+    path = path or os.path.join(cfg.output_dir, "metrics.json")
     result = write_metrics(path, metrics, {
         **extra, "dataset": cfg.data.name, "modalities": data.modalities, "backbone": cfg.model.backbone,
         "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
@@ -252,7 +323,7 @@ def _trackers() -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------- train
 
-def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
+def train(cfg: Config, resume: Optional[str] = None, allow_config_change: bool = False) -> Dict[str, object]:
     """Train ``cfg``'s model on its data set, evaluate it, write the outputs; returns ``metrics.json``.
 
     Args:
@@ -260,23 +331,29 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
         resume: ``None`` (a new run: ``cfg.output_dir`` must be empty or absent); ``"latest"`` (the
             newest intact checkpoint in ``cfg.output_dir``, falling back past bad ones); or a
             checkpoint folder.
+        allow_config_change: resume although ``cfg`` differs from the run's ``config.yaml`` in keys
+            that affect training (logged); otherwise that is a :class:`ConfigChangedError`.
 
     Raises:
         RunLockedError: another run is using ``cfg.output_dir``.
         OutputDirNotEmptyError: a new run (no ``resume``) over an earlier one.
+        ConfigChangedError: ``resume`` with a config that changes training.
         CheckpointError: the checkpoint to resume from is incomplete, corrupted or unsafe.
         TrainingDiverged: ``train.max_bad_steps`` consecutive non-finite steps.
     """
+    apply_determinism(cfg.train.deterministic)
+    # train.compile: Accelerate compiles the model last, after the DDP wrapper (None: the launcher's choice)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum, log_with=_trackers(),
-                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False, cpu=_cpu_only())
+                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False, cpu=_cpu_only(),
+                              dynamo_backend="inductor" if cfg.train.compile else None)
     created = not os.path.exists(cfg.output_dir)
     lock = RunLock(cfg.output_dir).acquire() if accelerator.is_main_process else None
     try:
         if resume is None:
             check_fresh_output_dir(cfg.output_dir)
         accelerator.wait_for_everyone()
-        return _train(accelerator, cfg, resume)
+        return _train(accelerator, cfg, resume, allow_config_change)
     finally:
         if lock is not None:
             lock.release()
@@ -284,7 +361,33 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, object]:
                 shutil.rmtree(cfg.output_dir, ignore_errors=True)
 
 
-def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict[str, object]:
+def _prepare_model(accelerator: Accelerator, cfg: Config, model: ReIDModel) -> ReIDModel:
+    """Global-batch BatchNorm when several processes train (``model.sync_bn``)."""
+    if accelerator.num_processes > 1 and cfg.model.sync_bn is not False:
+        n = convert_sync_batchnorm(model)
+        logger.info("model.sync_bn: %d BatchNorm layer(s) normalise over the global batch of %d processes", n,
+                    accelerator.num_processes)
+    if cfg.train.compile:
+        logger.info("train.compile: the model runs under torch.compile (inductor, through Accelerate)")
+    return model
+
+
+def _pause_if_asked(cfg: Config, step: int, main: bool) -> None:
+    """``debug.pause_after_step``: write ``OUTPUT_DIR/.paused`` and wait until it is deleted."""
+    if cfg.debug.pause_after_step != step or not main:
+        return
+    flag = os.path.join(cfg.output_dir, PAUSE_FILE)
+    write_atomic(flag, f"{step}\n")
+    logger.warning("debug.pause_after_step=%d: paused; delete %s to continue", step, flag)
+    while os.path.exists(flag):
+        time.sleep(0.05)
+
+
+PAUSE_FILE = ".paused"
+
+
+def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_config_change: bool = False
+           ) -> Dict[str, object]:
     t_start = time.time()
     tc = cfg.train
     main = accelerator.is_main_process
@@ -292,6 +395,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
     with accelerator.main_process_first():  # the main process generates the synthetic set first
         data = load_data(cfg.data)
     cfg = resolve_config(cfg, data)
+    if resume is not None:
+        check_resume_config(cfg, allow_config_change)
     if main:
         logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
 
@@ -306,9 +411,10 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
     steps_per_epoch = len(train_loader) // tc.grad_accum
     if tc.epochs and steps_per_epoch == 0:
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
     criterion = build_criterion(cfg.loss, cfg.model.clip_consistency)
+    model = _prepare_model(accelerator, cfg, model)
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainProgress()
@@ -333,48 +439,47 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
         accelerator.init_trackers("tensorboard")
     nan_steps = set(cfg.debug.nan_at_steps)
     max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
+    device = accelerator.device
 
     metrics: Optional[Dict[str, object]] = None
     for epoch in range(progress.epoch, tc.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
         model.train()
-        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-        good_batches, epoch_skipped, window_bad = 0, 0, False
+        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        good_batches = torch.zeros((), device=device)
+        epoch_skipped = 0
         batches = iter(train_loader)
         bar = tqdm(range(steps_per_epoch * tc.grad_accum), disable=not accelerator.is_local_main_process,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
         for micro in bar:
-            batch = send_to_device(next(batches), accelerator.device)
+            batch = send_to_device(next(batches), device, non_blocking=True)
             if micro % tc.grad_accum == 0:  # BatchNorm statistics as they were before this step
                 buffers = [b.detach().clone() for b in model.buffers()]
+                loss_finite = torch.ones((), dtype=torch.bool, device=device)
             with accelerator.accumulate(model):
                 out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
                 losses = criterion(out, batch["pids"], epoch)
                 if progress.step + 1 in nan_steps:
                     losses["total"] = losses["total"] * float("nan")
-                if _finite_everywhere(accelerator, losses["total"]):
-                    accelerator.backward(losses["total"])
-                    for k, v in losses.items():
-                        sums[k] += v.detach().float()
-                    good_batches += 1
-                else:
-                    window_bad = True  # no backward: the scaler and the gradients never see it
-                reason = "non-finite loss" if window_bad else None
-                if accelerator.sync_gradients and reason is None:
-                    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    if not _finite_everywhere(accelerator, norm):
-                        scaler = accelerator.scaler
-                        if scaler is None or scaler.get_scale() < 1.0:
-                            reason = "non-finite gradient norm"
-                        # else fp16: an overflow; the scaler skips this step and lowers its scale
+                # The guard decides at the optimizer step, from a device flag: no host sync per micro-step.
+                # A non-finite loss is backpropagated as 0 (every rank does a backward, so DDP stays in step)
+                # and the step is skipped below, before anything (scaler included) sees its gradients.
+                finite = torch.isfinite(losses["total"].detach())
+                loss_finite &= finite
+                accelerator.backward(torch.where(finite, losses["total"], torch.zeros_like(losses["total"])))
+                for k, v in losses.items():
+                    sums[k] += torch.where(finite, v.detach().float(), torch.zeros((), device=device))
+                good_batches += finite
+                reason = None
+                if accelerator.sync_gradients:
+                    reason = _guarded_clip(accelerator, model, loss_finite, max_norm)
                 if reason is None:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
-            window_bad = False
             if reason is not None:
                 with torch.no_grad():  # a skipped step leaves no trace, running statistics included
                     for b, saved in zip(model.buffers(), buffers):
@@ -392,7 +497,8 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
                 accelerator.log(rec, step=progress.step)
                 run_log.write({"kind": "step", "epoch": epoch + 1, "step": progress.step, **rec})
                 bar.set_postfix(loss=f"{rec['loss/total']:.3f}")
-        n = max(1, good_batches)
+            _pause_if_asked(cfg, progress.step, main)
+        n = good_batches.clamp(min=1)
         epoch_losses = {k: float(accelerator.reduce(v / n, reduction="mean")) for k, v in sums.items()}
         progress.epoch = epoch + 1
         record = {"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
@@ -414,7 +520,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
         metrics = evaluator.run(model)
     result: Dict[str, object] = {}
     if main:
-        state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        state = {k: v.contiguous() for k, v in _unwrap(accelerator, model).state_dict().items()}
         with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
             save_file(state, tmp)
         result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step,
@@ -422,6 +528,35 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str]) -> Dict
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _unwrap(accelerator: Accelerator, model: torch.nn.Module) -> ReIDModel:
+    """The plain model behind DDP and ``torch.compile`` wrappers."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def _guarded_clip(accelerator: Accelerator, model: torch.nn.Module, loss_finite: torch.Tensor,
+                  max_norm: float) -> Optional[str]:
+    """Clip the gradients of an optimizer step and say why the step must be skipped (None: take it).
+
+    One host sync per optimizer step (two with an fp16 scaler): the loss flag and the gradient norm
+    are decided together, on every process alike. With fp16 the loss is checked first, so the
+    scaler never unscales gradients of a skipped step; an fp16 *overflow* stays the scaler's to
+    skip, and counts as bad only once the scale is below 1.
+    """
+    scaler = accelerator.scaler
+    if scaler is None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        loss_ok, norm_ok = _all_processes(accelerator, torch.stack([loss_finite, torch.isfinite(norm).all()]))
+        if not loss_ok:
+            return "non-finite loss"
+        return None if norm_ok else "non-finite gradient norm"
+    if not _all_processes(accelerator, loss_finite)[0]:
+        return "non-finite loss"
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if not _all_processes(accelerator, torch.isfinite(norm).all())[0] and scaler.get_scale() < 1.0:
+        return "non-finite gradient norm"
+    return None
 
 
 def _report_bad_step(accelerator: Accelerator, run_log: RunLog, cfg: Config, progress: TrainProgress, epoch: int,
@@ -446,17 +581,28 @@ def _report_bad_step(accelerator: Accelerator, run_log: RunLog, cfg: Config, pro
         f"train.mixed_precision=bf16 instead of fp16, or check the data of the identities logged above.")
 
 
-def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = None) -> Dict[str, object]:
-    """Evaluate a trained model (``model.safetensors`` or a checkpoint folder); writes ``metrics.json``
+EVAL_METRICS = "eval_metrics.json"
+
+
+def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = None,
+             out: Optional[str] = None) -> Dict[str, object]:
+    """Evaluate a trained model (``model.safetensors`` or a checkpoint folder); writes ``out``
+    (default ``OUTPUT_DIR/eval_metrics.json``; a training run's ``metrics.json`` is never replaced)
     and, with ``save_features_to`` (``.safetensors`` / ``.npz``), the ranked features."""
     t_start = time.time()
+    out = out or os.path.join(cfg.output_dir, EVAL_METRICS)
+    if os.path.basename(out) == "metrics.json" and os.path.exists(os.path.join(os.path.dirname(out) or ".",
+                                                                               "config.yaml")):
+        raise ValueError(f"--out {out} would replace a training run's metrics.json; write the evaluation elsewhere "
+                         f"(default {EVAL_METRICS})")
     accelerator, data, cfg, model, evaluator = load_trained(cfg, checkpoint)
     metrics = evaluator.run(model)
     result: Dict[str, object] = {}
     if accelerator.is_main_process:
         params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-        result = report_metrics(cfg, data, accelerator, metrics, t_start, checkpoint=os.path.abspath(checkpoint),
-                                params=params)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        result = report_metrics(cfg, data, accelerator, metrics, t_start, path=out,
+                                checkpoint=os.path.abspath(checkpoint), params=params)
         if save_features_to:
             save_features(save_features_to, evaluator.features,
                           {"checkpoint": os.path.abspath(checkpoint), "protocol": cfg.eval.protocol})

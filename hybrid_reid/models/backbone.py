@@ -117,15 +117,26 @@ class CameraViewEmbedding(nn.Module):
         nn.init.trunc_normal_(self.table, std=0.02)
 
     def _check(self, ids: Optional[torch.Tensor], n: int, what: str) -> torch.Tensor:
+        """``ids`` as long; out-of-range ids are an error.
+
+        The range check never stalls a GPU and never breaks a compiled graph: on CPU tensors it is an
+        exact Python check with a clear message; on an accelerator it is an asynchronous device
+        assert; while ``torch.compile`` / ``torch.export`` trace, it is left to the data boundary (the
+        engine sizes the table from the data set's cameras, so its ids always fit)."""
         if ids is None:
             raise ValueError(f"this backbone has a {what} embedding (num_{what}s={n}): pass {what}_ids, "
                              f"or build it with num_{what}s=0")
         ids = torch.as_tensor(ids).long()
-        lo, hi = (int(v) for v in torch.aminmax(ids))  # one device sync for both bounds
-        if lo < 0 or hi >= n:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{what} id {bad} out of range: the embedding has num_{what}s={n} "
-                             f"(ids are 0-based, 0..{n - 1}); set model.num_{what}s to the data set's count")
+        if torch.compiler.is_compiling():
+            return ids
+        msg = (f"{what} id out of range: the embedding has num_{what}s={n} (ids are 0-based, 0..{n - 1}); set "
+               f"model.num_{what}s to the data set's count")
+        if ids.device.type == "cpu":
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                raise ValueError(msg.replace("id out", f"id {bad} out"))
+        else:
+            torch._assert_async(((ids >= 0) & (ids < n)).all(), msg)
         return ids
 
     def forward(self, cam_ids: Optional[torch.Tensor], view_ids: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Modality experts on a timm ViT tower: non-shared tokenizers and MER LoRA (peft), any tower.
+"""Modality experts on a timm ViT tower: non-shared tokenizers and MER LoRA, any tower.
 
 Both are routed by the modality of the current forward (:meth:`ModalityExperts.activate`), so the
 shared transformer blocks see ``rgb`` through the RGB tokenizer and RGB LoRA, ``nir`` through the
@@ -10,19 +10,24 @@ NIR ones, and so on; nothing is written once per modality.
   modalities (seed 003: std 0.02). A 1-channel image given to a 3-channel tokenizer goes through a
   learnable 1x1 convolution that starts as channel replication; a 3-channel image given to a
   1-channel tokenizer is averaged to grey.
-* MER: one peft LoRA adapter per modality (``adapter_name`` = modality) on ``attn.qkv`` (q, k and
-  v), ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` of the chosen blocks; A Kaiming-uniform, B zero,
-  scale alpha / rank. The peft traps DESIGN.md lists are handled here: switching the active adapter
-  (``set_adapter``) freezes the other adapters, so every LoRA parameter is made trainable again
-  after each switch; injection freezes the whole tower, so the base weights get back the
-  trainability the config asks for; the target pattern is anchored on ``blocks.N.`` so the patch
-  embedding's ``proj`` is never hit; gradient checkpointing is refused (wrong gradients with
-  adapter switching).
+* MER: :class:`ModalityLoRALinear` replaces ``attn.qkv`` (q, k and v), ``attn.proj``, ``mlp.fc1``
+  and ``mlp.fc2`` of the chosen blocks: the frozen-or-not base ``nn.Linear`` plus one LoRA pair per
+  modality (A Kaiming-uniform, B zero, scale alpha / rank: peft's initialisation and its key layout
+  ``<layer>.base_layer.weight`` / ``<layer>.lora_A.<m>.weight`` / ``<layer>.lora_B.<m>.weight``, so
+  checkpoints of either load into the other; a test holds it equal to peft's LoRA).
+
+Why not peft's own layers: peft routes by ``set_adapter``, which sets ``requires_grad`` on the
+adapters at every switch. Switching per modality inside a forward therefore trains only the last
+modality's adapter unless every switch is undone, and the toggling breaks ``torch.compile`` graphs
+(5-10 breaks per step). Here routing is a plain attribute (:attr:`ModalityLoRALinear.active`) read
+in the forward; no parameter is touched, every adapter trains in every step and the forward
+compiles into one graph. Gradient checkpointing stays refused: its recomputation would route by the
+modality of the last forward.
 """
 from __future__ import annotations
 
 import copy
-import warnings
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -97,6 +102,56 @@ class ModalityPatchEmbed(nn.Module):
         return e(x)
 
 
+class ModalityLoRALinear(nn.Module):
+    """An ``nn.Linear`` with one LoRA expert per modality; :attr:`active` picks the expert.
+
+    ``y = base_layer(x) + scale * B_m(A_m(dropout(x)))`` for ``m = active``, ``scale = alpha / rank``.
+
+    Args:
+        base: the linear layer being adapted (kept as ``base_layer``, its trainability unchanged).
+        modalities: one expert each.
+        rank, alpha, dropout: LoRA rank, alpha and input dropout.
+    """
+
+    def __init__(self, base: nn.Linear, modalities: Sequence[str], rank: int, alpha: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ModuleDict({m: nn.Linear(base.in_features, rank, bias=False) for m in modalities})
+        self.lora_B = nn.ModuleDict({m: nn.Linear(rank, base.out_features, bias=False) for m in modalities})
+        for m in modalities:  # peft's default (init_lora_weights=True): the adapter starts as a no-op
+            nn.init.kaiming_uniform_(self.lora_A[m].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[m].weight)
+        self.to(base.weight.device, base.weight.dtype)
+        self.active: Optional[str] = None
+        self.merged: Optional[str] = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self, modality: str) -> torch.Tensor:
+        """``scale * B_m @ A_m`` [out, in]: the expert as a weight update."""
+        return self.scaling * (self.lora_B[modality].weight @ self.lora_A[modality].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] through the base layer and the :attr:`active` modality's expert."""
+        y = self.base_layer(x)
+        m = self.active
+        if m is None or m == self.merged:
+            return y
+        return y + self.lora_B[m](self.lora_A[m](self.lora_dropout(x))) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, experts={list(self.lora_A)}"
+
+
 class ModalityExperts:
     """Installs tokenizers and/or LoRA experts on a timm tower and routes a forward to one modality.
 
@@ -108,7 +163,7 @@ class ModalityExperts:
         self.tower = tower
         self.tokenizer: Optional[ModalityPatchEmbed] = None
         self.lora_modalities: List[str] = []
-        self._lora_layers: List[nn.Module] = []
+        self._lora_layers: List[ModalityLoRALinear] = []
         self.merged: Optional[str] = None
 
     @property
@@ -123,34 +178,30 @@ class ModalityExperts:
 
     def add_lora(self, modalities: Sequence[str], rank: int = 4, alpha: float = 1.0,
                  blocks: Optional[Sequence[int]] = None, dropout: float = 0.0) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        """One LoRA expert per modality on ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of
+        ``blocks`` (default all); the patch embedding is never touched."""
+        import re
 
         n_blocks = len(self.tower.blocks)
         chosen = list(range(n_blocks)) if blocks is None else list(blocks)
         bad = [b for b in chosen if not 0 <= b < n_blocks]
         if bad or not chosen:
             raise ValueError(f"model.mer.blocks: {list(blocks or [])} are not blocks of a {n_blocks}-block tower")
-        pattern = rf"blocks\.({'|'.join(str(b) for b in chosen)})\.({LORA_TARGETS})"
-        trainable = {n: p.requires_grad for n, p in self.tower.named_parameters()}
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, lora_dropout=dropout,
-                            init_lora_weights=True, bias="none")
-        with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            for m in modalities:
-                inject_adapter_in_model(config, self.tower, adapter_name=m)
+        pattern = re.compile(rf"blocks\.({'|'.join(str(b) for b in chosen)})\.({LORA_TARGETS})$")
+        targets = [(n, m) for n, m in self.tower.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)]
+        if not targets:
+            raise ValueError(f"no LoRA target layers ({LORA_TARGETS}) in blocks {chosen} of this tower")
+        for name, layer in targets:
+            parent_name, attr = name.rsplit(".", 1)
+            lora = ModalityLoRALinear(layer, modalities, rank, alpha, dropout)
+            setattr(self.tower.get_submodule(parent_name), attr, lora)
+            self._lora_layers.append(lora)
         self.lora_modalities = list(modalities)
-        from peft.tuners.lora import LoraLayer
-
-        self._lora_layers = [mod for mod in self.tower.modules() if isinstance(mod, LoraLayer)]
-        for n, p in self.tower.named_parameters():  # undo peft's freezing of everything else
-            if "lora_" in n:
-                p.requires_grad_(True)
-            else:
-                p.requires_grad_(trainable.get(n.replace(".base_layer", ""), True))
 
     # ------------------------------------------------------------------------------------- routing
     def activate(self, modality: Optional[str]) -> None:
-        """Route the next forward through ``modality``'s tokenizer and LoRA adapter."""
+        """Route the next forward through ``modality``'s tokenizer and LoRA expert (an attribute on
+        each routed layer; no parameter is changed)."""
         if self.tokenizer is not None:
             self.tokenizer.active = modality
         if not self.lora_modalities:
@@ -161,11 +212,9 @@ class ModalityExperts:
             raise ValueError(f"the {self.merged!r} expert is merged into the weights; unmerge before running "
                              f"{modality!r}")
         for layer in self._lora_layers:
-            layer.set_adapter(modality)  # peft: this also sets requires_grad=False on the other adapters
-            for m in self.lora_modalities:  # ... which would silently train only the last modality
-                for p in (*layer.lora_A[m].parameters(), *layer.lora_B[m].parameters()):
-                    p.requires_grad_(True)
+            layer.active = modality
 
+    @torch.no_grad()
     def merge(self, modality: str) -> None:
         """Fold ``modality``'s LoRA into the base weights (zero-overhead inference for it)."""
         if modality not in self.lora_modalities:
@@ -175,11 +224,18 @@ class ModalityExperts:
         if self.merged is not None:
             self.unmerge()
         for layer in self._lora_layers:
-            layer.merge(adapter_names=[modality])
+            w = layer.base_layer.weight
+            w.add_(layer.delta_weight(modality).to(w.dtype))
+            layer.merged = modality
         self.merged = modality
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weights after :meth:`merge`."""
+        if self.merged is None:
+            return
         for layer in self._lora_layers:
-            layer.unmerge()
+            w = layer.base_layer.weight
+            w.sub_(layer.delta_weight(self.merged).to(w.dtype))
+            layer.merged = None
         self.merged = None
