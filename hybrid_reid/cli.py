@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BENCHMARKS, NoDeviceError, run_benchmark, to_markdown
 
     options = {k: getattr(args, k) for k in ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery",
-                                             "backbone", "peak_tflops", "workers") if getattr(args, k) is not None}
+                                             "backbone", "peak_tflops", "workers", "backbones") if getattr(args, k) is not None}
     if args.skip_msmt17:
         options["msmt17"] = False
     # ``all`` is what a CPU machine can run; ``gpu`` is asked for by name
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu (default; gpu: cuda) or cuda")
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="gpu: the device's dense bf16 peak in TFLOP/s for MFU (default: looked up by GPU name)")
+    bench.add_argument("--backbones", nargs="+", default=None, choices=["clip", "vit", "hybrid"],
+                       help="gpu: the models to measure (default all three)")
     bench.add_argument("--workers", type=int, nargs="+", default=None,
                        help="gpu / data: loader worker counts to measure (gpu: 8; data: 0 2)")
     bench.set_defaults(func=cmd_bench)

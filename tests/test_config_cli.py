@@ -172,3 +172,26 @@ def test_every_shipped_suite_loads_and_each_has_a_tiny_form():
                 cfg = load_config(base, run.overrides)
                 mods = [canonical_modality(m) for m in cfg.data.modalities]
                 build_model(cfg.model, load_pretrained=False, modalities=mods)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_gpu_without_a_gpu_says_so_and_exits_2(tmp_path):
+    r = run_cli("bench", "gpu", "--out", str(tmp_path))
+    assert r.returncode == 2 and "no GPU on this machine" in r.stderr and "--device cpu --tiny" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_gpu_tiny_on_cpu_runs_the_same_code(tmp_path):
+    # the hybrid runs both towers; the three models are measured by the committed CPU run (README, Performance)
+    r = run_cli("bench", "gpu", "--device", "cpu", "--tiny", "--batch", "8", "--reps", "1", "--warmup", "1",
+                "--workers", "0", "--backbones", "clip", "hybrid", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    runs = {f"{b}{c}" for b in ("clip", "hybrid") for c in ("", "+compile")}
+    assert set(res["figures"]["images_per_s"]) == runs and all(v > 0 for v in res["figures"]["images_per_s"].values())
+    assert set(res["ratios"]) == {"clip+compile / clip", "hybrid+compile / hybrid"}
+    flops = res["figures"]["tflops_per_step"]
+    assert flops["hybrid"] > flops["clip"] > 0 and flops["hybrid"] == flops["hybrid+compile"]
+    assert res["figures"]["loader_images_per_s"]["workers=0"] > 0
+    assert "mfu" not in res["figures"] and res["setting"]["precision"] == "fp32"  # no peak rate for a CPU
+    assert "| hybrid+compile / hybrid |" in (tmp_path / "gpu.md").read_text()
