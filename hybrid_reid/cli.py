@@ -172,8 +172,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BENCHMARKS, NoDeviceError, run_benchmark, to_markdown
 
-    options = {k: getattr(args, k) for k in ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery",
-                                             "backbone", "peak_tflops", "workers", "backbones") if getattr(args, k) is not None}
+    keys = ("batch", "reps", "warmup", "tiny", "device", "queries", "gallery", "backbone", "peak_tflops", "workers",
+            "backbones")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.skip_msmt17:
         options["msmt17"] = False
     # ``all`` is what a CPU machine can run; ``gpu`` is asked for by name
