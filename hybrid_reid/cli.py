@@ -40,9 +40,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     groups = model.param_groups()
     lrs = group_learning_rates(list(groups), cfg.optim.lr, cfg.optim.group_lr)
     summary["param_groups"] = {g: {"params": sum(p.numel() for _, p in ps), "lr": lrs[g]} for g, ps in groups.items()}
+    towers = cfg.model.towers
+    fusion = cfg.model.fusion if len(towers) > 1 else None
+    summary["towers"] = {t: {"arch": s.arch, "stride": s.stride, "family": model.encoder.backbones[t].family.name,
+                             "global": model.encoder.backbones[t].pool, "grid": summary["grid"][t]}
+                         for t, s in towers.items()}
     if args.json:
-        summary["backbone"] = cfg.model.backbone
-        summary["fusion"] = cfg.model.fusion if len(cfg.model.towers) > 1 else None
+        summary["backbone"] = cfg.model.label
+        summary["fusion"] = fusion
         summary["feat_dim"] = cfg.model.feat_dim
         summary["modalities"] = modalities
         summary["modality_fusion"] = cfg.model.modality_fusion
@@ -51,8 +56,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     comps = summary["components"]
     total = summary["total"]
     width = max(len(k) for k in comps) + 2
-    print(f"backbone: {cfg.model.backbone}"
-          + (f"  fusion: {cfg.model.fusion}" if len(cfg.model.towers) > 1 else "")
+    print(f"towers: {', '.join(towers)} (backbone {cfg.model.label})" + (f"  fusion: {fusion}" if fusion else "")
           + f"  feat_dim: {cfg.model.feat_dim}  img_size: {list(cfg.model.img_size)}")
     print(f"modalities: {modalities}  modality_fusion: {cfg.model.modality_fusion} "
           f"(head width {model.modality_fusion.out_dim})")
@@ -62,9 +66,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}{_fmt_int(c['params']):>14}{_fmt_int(c['trainable']):>14}{share:>8.2f}%")
     print(f"{'total':<{width}}{_fmt_int(total):>14}{_fmt_int(summary['trainable']):>14}")
     print(f"frozen: {_fmt_int(summary['frozen'])}")
-    for t, g in summary["grid"].items():
-        tc = getattr(cfg.model, t)
-        print(f"grid[{t}]: {g[0]}x{g[1]} (arch {tc.arch}, stride {tc.stride or 'patch'})")
+    for t, info in summary["towers"].items():
+        g = info["grid"]
+        print(f"grid[{t}]: {g[0]}x{g[1]} (arch {info['arch']}, stride {info['stride'] or 'patch'}, family "
+              f"{info['family']}, global token {info['global']})")
     print("lr groups: " + "  ".join(f"{g} {v['lr']:g} ({_fmt_int(v['params'])})"
                                     for g, v in summary["param_groups"].items()))
     if cfg.model.multi_scale.enabled:

@@ -6,7 +6,7 @@ that registers), so lookups never depend on the caller having imported the right
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Generic, List, TypeVar
+from typing import Callable, Dict, Generic, List, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -42,6 +42,10 @@ class Registry(Generic[T]):
 
     def names(self) -> List[str]:
         return sorted(self._entries)
+
+    def entries(self) -> List[Tuple[str, T]]:
+        """``(name, entry)`` in registration order."""
+        return list(self._entries.items())
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from .config import Config
 from .data.datasets import Sample, open_image
+from .modalities import is_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def sample_cell(s: Sample, modalities: Sequence[str], border, label: str = "") -
     w, h = CELL
     parts = []
     for m in modalities:
-        if m == "text":
+        if is_text(m):
             parts.append(_text_panel(s.text or "", (w * 2, h)))
         else:
             parts.append(open_image(s.paths[m], s.crops.get(m) if s.crops else None).resize((w, h)))

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import ROOT, run_python
 
 from hybrid_reid import ConfigError, build_model, load_config
@@ -13,7 +14,7 @@ from hybrid_reid.engine import build_optimizer
 from hybrid_reid.losses import build_criterion
 
 SUITES = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.yaml")))  # run.py sweep suites
-YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")) +
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True) +
                [p for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True)
                 if p not in SUITES])
 
@@ -22,18 +23,35 @@ def test_yaml_set_is_not_empty():
     assert len(YAMLS) >= 5
 
 
+def _fingerprints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp", os.path.join(ROOT, "tests", "scripts", "model_fingerprints.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "tests", "fixtures", "model_fingerprints.json")) as f:
+        return module, json.load(f)
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_yaml_loads_and_builds(path):
+    """Every config builds, and builds the model it built before model.towers (state-dict names and
+    shapes, tiny models' initial values, grids, camera embeddings: tests/scripts/model_fingerprints.py)."""
     cfg = load_config(path)
     modalities = [canonical_modality(m) for m in cfg.data.modalities]
+    torch.manual_seed(0)
     model = build_model(cfg.model, load_pretrained=False, modalities=modalities)
-    assert list(model.encoder.backbones) == cfg.model.towers and model.modalities == modalities
+    fp, before = _fingerprints()
+    name = os.path.relpath(path, ROOT)
+    if name in before:  # configs added since have nothing to compare with
+        assert fp.fingerprint_of(model, cfg) == before[name]
+    assert list(model.encoder.backbones) == list(cfg.model.towers) and model.modalities == modalities
     build_criterion(cfg.loss)  # everything train() builds from the config, short of reading the data
     build_optimizer(model, cfg.optim)
     assert cfg.data.name in DATASETS
     # the resolved config round-trips through a plain dict
     from hybrid_reid.config import Config, from_dict
-    assert from_dict(Config, to_dict(cfg)) == cfg
+    assert to_dict(from_dict(Config, to_dict(cfg))) == to_dict(cfg)
 
 
 def test_base_inheritance_and_overrides(tmp_path):

@@ -154,7 +154,7 @@ def test_lora_never_targets_the_patch_embedding_and_blocks_are_configurable():
     names = [n for n, _ in model.named_parameters() if "lora_A.rgb" in n]
     assert names and all(".blocks.1." in n for n in names)
     assert not any("patch_embed" in n for n, _ in model.named_parameters() if "lora_" in n)
-    with pytest.raises(ValueError, match="model.vit: model.mer.blocks"):
+    with pytest.raises(ValueError, match="model.towers.vit: model.mer.blocks"):
         expert_model("vit", "model.mer.blocks=[5]")
 
 

@@ -21,7 +21,8 @@ def test_readme_python_block_runs(i):
 
 def test_readme_info_output_is_current():
     """The `run.py info` listing quoted in the README is what the command prints today."""
-    quoted = re.search(r"```\n(backbone: hybrid  fusion: concat.*?)```", README, flags=re.S).group(1)
+    quoted = re.search(r"```\n(towers: clip, vit \(backbone hybrid\)  fusion: concat.*?)```", README,
+                       flags=re.S).group(1)
     r = run_python("run.py", "info", "--config", "configs/hybrid.yaml")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == quoted.strip()

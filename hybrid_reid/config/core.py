@@ -16,7 +16,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type, TypeVar, Union
 
 import yaml
 
@@ -28,8 +28,14 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- YAML
-def load_yaml(path: Union[str, os.PathLike], _seen: Optional[List[Path]] = None) -> Dict[str, Any]:
-    """Read a YAML mapping, resolving ``_base_`` files (depth first, later bases win)."""
+def load_yaml(path: Union[str, os.PathLike], _seen: Optional[List[Path]] = None,
+              merge: Optional[Callable[[Dict[str, Any], Dict[str, Any], str], Dict[str, Any]]] = None
+              ) -> Dict[str, Any]:
+    """Read a YAML mapping, resolving ``_base_`` files (depth first, later bases win).
+
+    ``merge(merged, layer, where)`` puts a file over what it inherits (default: :func:`deep_merge`;
+    the schema passes its own, which knows that ``model.towers`` replaces a shorthand)."""
+    merge = merge or (lambda a, b, where: deep_merge(a, b))
     path = Path(path).resolve()
     seen = list(_seen or [])
     if path in seen:
@@ -47,8 +53,8 @@ def load_yaml(path: Union[str, os.PathLike], _seen: Optional[List[Path]] = None)
     bases = [bases] if isinstance(bases, str) else list(bases)
     merged: Dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, load_yaml(path.parent / base, seen + [path]))
-    return deep_merge(merged, data)
+        merged = merge(merged, load_yaml(path.parent / base, seen + [path], merge), str(path.parent / base))
+    return merge(merged, data, str(path))
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
@@ -104,7 +110,8 @@ def from_dict(cls: Type[T], data: Optional[Mapping[str, Any]], path: str = "") -
             if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()  # a partial section keeps the field's own defaults
                 if dataclasses.is_dataclass(default):  # (model.vit: {stride: 16} stays a timm ViT);
-                    value = {**to_dict(default), **value}  # a key given replaces (group_lr: {} stays {})
+                    base = default._partial_base() if hasattr(default, "_partial_base") else to_dict(default)
+                    value = {**base, **value}  # a key given replaces (group_lr: {} stays {})
             kwargs[name] = _convert(hints[name], value, _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {_join(path, name)!r}")
@@ -115,9 +122,11 @@ def from_dict(cls: Type[T], data: Optional[Mapping[str, Any]], path: str = "") -
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain YAML-safe dict (tuples become lists)."""
+    """Dataclass -> plain YAML-safe dict (tuples become lists); fields a dataclass lists in
+    ``_DUMP_EXCLUDE`` (input-only shorthands) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        skip = getattr(obj, "_DUMP_EXCLUDE", ())
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -1,27 +1,41 @@
 """The config schema: one dataclass per YAML section. Defaults are the design's numbers."""
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from ..data.synth import SynthSpec
-from .core import deep_merge, from_dict, load_yaml, parse_overrides
+from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
 
 
 @dataclass
 class TowerConfig:
-    """One image tower (``model.clip`` or ``model.vit``).
+    """One image tower (an entry of ``model.towers``, or the ``model.clip`` / ``model.vit`` shorthand).
 
     Attributes:
-        arch: open_clip model name (``ViT-B-16-quickgelu``) or timm ViT name (``vit_base_patch16_224``).
+        arch: an open_clip model name (``ViT-B-16-quickgelu``) or any timm ViT-family name
+            (``vit_base_patch16_224``, ``deit_base_distilled_patch16_224``, ``vit_small_patch14_reg4_dinov2``,
+            ``vit_base_patch16_siglip_256``, ``eva02_small_patch14_224``, ``vit_base_patch16_clip_224``).
         pretrained: local checkpoint path, or null for random init. Never downloaded.
         stride: patch stride; null = patch size (no overlap); 12 gives the 21x10 grid at 256x128.
         sie_coef: scale of the camera/view embedding.
-        sie_mode: ``all`` adds it to every token (TransReID), ``cls`` to the CLS token only (CLIP-ReID).
+        sie_mode: ``all`` adds it to every token (TransReID), ``cls`` to the class token only
+            (CLIP-ReID; a tower without a class token refuses it).
         drop_path: stochastic depth rate of the tower.
         tower_kwargs: architecture overrides (``width``, ``layers``, ``heads``, ``mlp_ratio``,
             ``out_dim``), used for tiny test towers.
+        source: ``auto`` (an open_clip name is built from open_clip's config, anything else by timm),
+            ``open_clip`` or ``timm``.
+        global_pool: the tower's global token: ``auto`` (its family's own: the class token; DeiT
+            distilled: class and distillation token averaged; SigLIP: its attention pool), ``cls``,
+            ``map`` (attention pool) or ``avg`` (mean of the patch tokens).
+        distill_token: DeiT distilled towers: ``average`` it with the class token (DeiT's inference)
+            or ``drop`` it.
+        mean, std: the input normalisation this tower expects; null = its pretraining's own (CLIP's,
+            ImageNet's ...). MambaPro and DeMo feed every tower mean = std = 0.5.
     """
 
     arch: str = "ViT-B-16-quickgelu"
@@ -31,6 +45,11 @@ class TowerConfig:
     sie_mode: Literal["all", "cls"] = "all"
     drop_path: float = 0.0
     tower_kwargs: Dict[str, Any] = field(default_factory=dict)
+    source: Literal["auto", "open_clip", "timm"] = "auto"
+    global_pool: Literal["auto", "cls", "map", "avg"] = "auto"
+    distill_token: Literal["average", "drop"] = "average"
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
 
 
 @dataclass
@@ -115,6 +134,8 @@ class ClipConsistencyConfig:
 
     Attributes:
         weight: loss weight once fully on (0 = off).
+        teacher: the frozen CLIP tower's spec (default OpenAI ViT-B/16, ``ViT-B-16-quickgelu``; set
+            its ``pretrained`` file), built beside any towers, never trained.
         schedule: ``[[epoch, factor], ...]``: from ``epoch`` on the weight is ``factor * weight``
             (default 0 for 10 epochs, then 0.1x, then 1x from epoch 20: 0 -> 0.001 -> 0.01 at 0.01).
         temperature: cosine / temperature, never below ``min_temperature``.
@@ -125,6 +146,7 @@ class ClipConsistencyConfig:
     """
 
     weight: float = 0.0
+    teacher: TowerConfig = field(default_factory=lambda: _clip_default(sie_mode="all"))
     schedule: List[Tuple[int, float]] = field(default_factory=lambda: [(0, 0.0), (10, 0.1), (20, 1.0)])
     temperature: float = 0.1
     min_temperature: float = 0.1
@@ -138,12 +160,18 @@ class ClipConsistencyConfig:
             raise ValueError("model.clip_consistency.gradient_flow_ratio must be in [0, 1]")
 
 
-def _clip_default() -> TowerConfig:
-    return TowerConfig(arch="ViT-B-16-quickgelu", sie_coef=1.0, sie_mode="cls")
+def _clip_default(sie_mode: str = "cls") -> TowerConfig:
+    return TowerConfig(arch="ViT-B-16-quickgelu", sie_coef=1.0, sie_mode=sie_mode)
 
 
 def _vit_default() -> TowerConfig:
-    return TowerConfig(arch="vit_base_patch16_224", stride=12, sie_coef=3.0, sie_mode="all")
+    # drop_path 0.1: how TransReID and MambaPro train the ImageNet ViT
+    return TowerConfig(arch="vit_base_patch16_224", stride=12, sie_coef=3.0, sie_mode="all", drop_path=0.1)
+
+
+#: ``model.backbone`` shorthands: the towers each expands to (from the ``model.clip`` / ``model.vit`` specs)
+BACKBONE_SHORTHANDS = {"clip": ("clip",), "vit": ("vit",), "hybrid": ("clip", "vit")}
+SHORTHAND_KEYS = ("backbone", "clip", "vit")
 
 
 @dataclass
@@ -151,8 +179,16 @@ class ModelConfig:
     """The image encoder: towers -> multi-scale -> projectors -> tower fusion -> BNNeck head.
 
     Attributes:
-        backbone: ``clip``, ``vit`` or ``hybrid`` (both towers on the same image, fused).
-        fusion: registered tower fusion used by ``hybrid`` (``concat``, ``sum``, ``gated``, ``cross_attn``).
+        towers: ``{name: TowerConfig}``, in order: one tower is a single backbone, two or more a
+            hybrid fused by ``fusion`` (e.g. ``{clip: ..., vit: ..., dino: {arch:
+            vit_small_patch14_reg4_dinov2}}``). The first tower's mean/std normalises the input.
+        backbone: the shorthand ``clip``, ``vit`` or ``hybrid`` (both), expanded to ``towers`` from
+            the ``clip`` / ``vit`` specs when ``towers`` is not given. A config file that sets
+            ``towers`` overrides a shorthand it inherits; setting both in one file is an error.
+        clip, vit: the shorthand's tower specs (defaults: OpenAI CLIP ViT-B/16 at stride 16 with the
+            camera embedding on the class token; ImageNet ViT-B/16 at stride 12, camera embedding on
+            every token, drop_path 0.1).
+        fusion: registered tower fusion used by a hybrid (``concat``, ``sum``, ``gated``, ``cross_attn``).
         fusion_kwargs: extra constructor arguments of the fusion (e.g. ``heads`` for cross_attn).
         modality_fusion: how the per-modality features are combined (``concat``: [B, M*F] as
             TOP-ReID / MambaPro; ``mean``: [B, F]).
@@ -170,7 +206,7 @@ class ModelConfig:
         sdm: semantic disentanglement module (:class:`SDMConfig`).
         text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
         clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`) against a frozen
-            CLIP image tower built from ``model.clip`` (any backbone).
+            CLIP image tower (its ``teacher`` spec), beside any towers.
         sync_bn: BatchNorm layers (the BNNeck ...) normalise with the statistics of the global batch
             when several processes train, so R processes train the model one process does. null
             (default) = on whenever several processes train; false = per-process statistics.
@@ -196,6 +232,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
     sync_bn: Optional[bool] = None
+    towers: Dict[str, TowerConfig] = field(default_factory=dict)
+
+    #: written as ``towers`` alone (the resolved config); the shorthand is input only
+    _DUMP_EXCLUDE = ("backbone", "clip", "vit")
 
     def __post_init__(self) -> None:
         if self.feat_dim <= 0:
@@ -204,11 +244,28 @@ class ModelConfig:
             raise ValueError(f"model.img_size must be positive, got {self.img_size}")
         if self.num_cams < 0 or self.num_views < 0:
             raise ValueError("model.num_cams / model.num_views must be >= 0")
+        if not self.towers:
+            self.towers = {t: getattr(self, t) for t in BACKBONE_SHORTHANDS[self.backbone]}
+        for name in self.towers:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"model.towers: {name!r} is not a usable tower name (letters, digits, _)")
+
+    def _partial_base(self) -> Dict[str, Any]:
+        """The defaults a partial ``model:`` section is merged over: the shorthand, not its expansion
+        (so ``{backbone: hybrid}`` expands to both towers)."""
+        from .core import to_dict
+
+        out = {f: to_dict(getattr(self, f)) for f in self.__dataclass_fields__ if f != "towers"}
+        return out
 
     @property
-    def towers(self) -> List[str]:
-        """Names of the towers this backbone setting runs, in a fixed order."""
-        return ["clip", "vit"] if self.backbone == "hybrid" else [self.backbone]
+    def label(self) -> str:
+        """The backbone as a short name: ``clip``, ``vit`` or ``hybrid`` for the shorthand's tower names,
+        otherwise the tower names joined by ``+`` (``clip+vit+dino``)."""
+        for short, names in BACKBONE_SHORTHANDS.items():
+            if tuple(self.towers) == names:
+                return short
+        return "+".join(self.towers)
 
 
 @dataclass
@@ -228,6 +285,11 @@ class DataConfig:
             3*H*W bytes per image and modality); each step then only augments.
         flip_prob, pad, erasing_prob: augmentation (flip, pad + random crop, random erasing).
         synth: generator parameters for ``synthetic``.
+        anchor_modality: the modality the others are aligned to (SDM, CLIP consistency) and the
+            gallery of the ``orbench`` protocol (default ``rgb``).
+        modality_dirs: ``{modality: folder}`` added to (or overriding) the data set's own modality
+            folders, for a modality declared in the config's ``modalities:`` section (RGBNT201-style
+            and MSVR310 layouts), e.g. ``{depth: Depth}``.
     """
 
     name: str = "rgbnt201"
@@ -242,6 +304,8 @@ class DataConfig:
     pad: int = 10
     erasing_prob: float = 0.5
     synth: SynthSpec = field(default_factory=SynthSpec)
+    anchor_modality: str = "rgb"
+    modality_dirs: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -354,7 +418,7 @@ class EvalConfig:
     max_rank: int = 50
     query_modalities: Optional[List[str]] = None
     gallery_modalities: Optional[List[str]] = None
-    protocol: Literal["market", "msvr310", "missing", "orbench"] = "market"
+    protocol: str = "market"
     missing_fill: Literal["drop", "zeros"] = "drop"
     rerank: bool = False
     rerank_k1: int = 20
@@ -370,6 +434,12 @@ class EvalConfig:
             raise ValueError("eval.max_rank, eval.aqe_k, eval.rerank_k1 and eval.rerank_k2 must be >= 1")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"eval.chunk_size must be a positive number of queries or null, got {self.chunk_size}")
+        from ..engine.evaluator import PROTOCOLS  # the registered protocols (market, msvr310, missing, orbench, ...)
+
+        if self.protocol not in PROTOCOLS:
+            close = difflib.get_close_matches(self.protocol, PROTOCOLS.names(), n=1)
+            raise ValueError(f"eval.protocol: {self.protocol!r} is not a registered protocol {PROTOCOLS.names()}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 @dataclass
@@ -388,12 +458,30 @@ class DebugConfig:
 
 
 @dataclass
+class ModalityConfig:
+    """A modality declared in the config (``modalities: {depth: {channels: 1}}``).
+
+    Attributes:
+        kind: ``image`` or ``text``.
+        channels: image channels of its tokenizer by default (1 or 3).
+        aliases: other names data sets use for it.
+        short: a letter for case names (RGBNT201's missing-modality table: r, n, t).
+    """
+
+    kind: Literal["image", "text"] = "image"
+    channels: int = 3
+    aliases: List[str] = field(default_factory=list)
+    short: str = ""
+
+
+@dataclass
 class Config:
     """The whole run.
 
     ``loss`` maps a registered loss name to its arguments (``weight`` and the loss's own, e.g.
     ``label_smoothing``, ``margin``); a loss with weight 0 is skipped, and so is one the model has
-    nothing for (``sdm`` without ``model.sdm.enabled``).
+    nothing for (``sdm`` without ``model.sdm.enabled``). ``modalities`` declares new modalities
+    (:class:`ModalityConfig`; see :mod:`hybrid_reid.modalities`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -403,8 +491,74 @@ class Config:
     loss: Dict[str, Dict[str, Any]] = field(default_factory=_default_losses)
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    modalities: Dict[str, ModalityConfig] = field(default_factory=dict)
     seed: int = 0
     output_dir: str = "outputs/run"
+
+    def __post_init__(self) -> None:
+        from .. import modalities as registry
+
+        for name, m in self.modalities.items():  # declared modalities become known everywhere
+            registry.register(registry.Modality(name, m.kind, m.channels, tuple(m.aliases), m.short))
+
+
+def merge_layer(merged: Dict[str, Any], layer: Dict[str, Any], where: str = "config") -> Dict[str, Any]:
+    """Merge one config layer (a ``_base_`` file, a file, the overrides) over ``merged``.
+
+    Everything deep-merges, except the towers: a layer that sets ``model.towers`` gets exactly the
+    towers it lists (the mapping replaces, and an inherited ``model.backbone`` / ``model.clip`` /
+    ``model.vit`` shorthand is dropped); a layer that sets ``model.backbone`` switches back to the
+    shorthand. Setting ``model.towers`` and the shorthand in one layer, or ``model.clip`` /
+    ``model.vit`` without ``model.backbone`` over inherited towers, is a :class:`ConfigError`.
+    """
+    model = layer.get("model") if isinstance(layer.get("model"), dict) else None
+    if model is None:
+        return deep_merge(merged, layer)
+    short = [k for k in SHORTHAND_KEYS if model.get(k) is not None]
+    inherited = merged.get("model") if isinstance(merged.get("model"), dict) else {}
+    if "towers" in model and short:
+        raise ConfigError(f"{where} sets both model.towers and model.{short[0]}; list the towers in model.towers only "
+                          "(model.backbone / model.clip / model.vit are a shorthand for it)")
+    if "towers" in model:
+        towers = model["towers"]
+        if not isinstance(towers, dict) or not towers:
+            raise ConfigError(f"{where}: model.towers must be a non-empty mapping name -> tower spec, got {towers!r}")
+        for name, spec in towers.items():
+            if not isinstance(spec, dict) or "arch" not in spec:
+                raise ConfigError(f"{where}: model.towers.{name} needs an arch (e.g. vit_base_patch16_224)")
+        base = {k: v for k, v in inherited.items() if k not in SHORTHAND_KEYS and k != "towers"}
+        rest = {k: v for k, v in model.items() if k != "towers"}
+        out = deep_merge({**merged, "model": base}, {**layer, "model": rest})
+        out["model"]["towers"] = towers
+        return out
+    if short and inherited.get("towers"):
+        if "backbone" not in short:
+            raise ConfigError(f"{where} sets model.{short[0]}, but this config lists its towers in model.towers; set "
+                              f"model.towers.<name>.<key> instead (or model.backbone to switch to the shorthand)")
+        merged = {**merged, "model": {k: v for k, v in inherited.items() if k != "towers"}}
+    return deep_merge(merged, layer)
+
+
+def _apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Dotted overrides as one layer: ``model.towers=<mapping>`` replaces the towers, a dotted key inside
+    them (``model.towers.clip.pretrained=...``) edits the one tower."""
+    whole = [o for o in overrides if o.split("=", 1)[0].strip() == "model.towers"]
+    dotted = [o for o in overrides if o not in whole]
+    layer = parse_overrides(dotted)
+    model = layer.get("model") if isinstance(layer.get("model"), dict) else {}
+    edits = model.pop("towers", None)
+    if edits is not None:
+        towers = (data.get("model") or {}).get("towers") or {}
+        unknown = [t for t in edits if t not in towers]
+        if unknown:
+            raise ConfigError(f"override model.towers.{unknown[0]}...: there is no tower {unknown[0]!r} (towers: "
+                              f"{list(towers) or 'none: this config uses the model.backbone shorthand'}); set the "
+                              "whole mapping with model.towers={...}")
+        data = deep_merge(data, {"model": {"towers": deep_merge(towers, edits)}})
+    data = merge_layer(data, layer, "the overrides")
+    if whole:
+        data = merge_layer(data, parse_overrides(whole), "the overrides")
+    return data
 
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None,
@@ -414,8 +568,8 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None,
     Example:
         >>> cfg = load_config("configs/hybrid.yaml", ["model.fusion=gated"])
     """
-    data = load_yaml(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides))
+    data = load_yaml(path, merge=merge_layer) if path is not None else {}
+    data = _apply_overrides(data, overrides)
     # losses are a dict keyed by name: merge into the defaults so ``loss.triplet.weight=0.5`` keeps ``id``
     data["loss"] = deep_merge(_default_losses(), data.get("loss") or {})
     return from_dict(Config, data)

@@ -16,23 +16,17 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from PIL import Image
 
+from .. import modalities
+from ..modalities import TEXT, is_text
 from ..registry import Registry
 
 logger = logging.getLogger(__name__)
 
-MODALITY_ALIASES = {"vis": "rgb", "rgb": "rgb", "ni": "nir", "nir": "nir", "ir": "ir", "th": "tir", "ti": "tir",
-                    "tir": "tir", "sk": "sketch", "sketch": "sketch", "cp": "cpencil", "cpencil": "cpencil",
-                    "text": "text"}
-
-
 def canonical_modality(name: str) -> str:
     """``vis`` -> ``rgb``, ``ni`` -> ``nir``, ``th``/``ti`` -> ``tir``, ``sk`` -> ``sketch``, ``cp`` -> ``cpencil``;
-    ``ir`` (a thermal/near-IR camera of IR-RGB data sets) stays its own modality."""
-    try:
-        return MODALITY_ALIASES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown modality {name!r}; known: {sorted(set(MODALITY_ALIASES.values()))} "
-                         f"(aliases: {sorted(MODALITY_ALIASES)})") from None
+    ``ir`` (a thermal/near-IR camera of IR-RGB data sets) stays its own modality. Declared modalities
+    (the config's ``modalities:`` section) resolve too (:mod:`hybrid_reid.modalities`)."""
+    return modalities.canonical(name)
 
 
 class DataError(ValueError):
@@ -66,7 +60,7 @@ class Sample(NamedTuple):
     @property
     def modalities(self) -> List[str]:
         """The modalities this sample has (image modalities, then ``text`` when captioned)."""
-        return list(self.paths) + (["text"] if self.text is not None else [])
+        return list(self.paths) + ([TEXT] if self.text is not None else [])
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -146,7 +140,7 @@ class ReIDData:
         for name, ss in self.splits():
             counts = []
             for m in self.modalities:
-                if m == "text":
+                if is_text(m):
                     counts.append(sum(s.text is not None for s in ss))
                     continue
                 files = set()
@@ -203,6 +197,7 @@ class RGBNT201:
     folder = "RGBNT201"
     splits = {"train": "train_171", "test": "test"}
     modality_dirs = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
+    extensible_modalities = True  # data.modality_dirs adds folders
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
@@ -210,19 +205,22 @@ class RGBNT201:
         if not cfg.root:
             raise DataError(f"data.root is not set: point it at the folder that contains {cls.folder}/ "
                             "(e.g. data.root=/datasets), or use data.name=synthetic")
-        return cls.load(cfg.root, cfg.modalities)
+        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None))
 
     @classmethod
-    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None
+             ) -> ReIDData:
+        """``modality_dirs`` adds (or renames) modality folders, e.g. ``{depth: Depth}``."""
         base = os.path.join(root, cls.folder)
         if not os.path.isdir(base):
             raise DataError(f"data.root={root!r} has no {cls.folder}/ folder; download {cls.folder} and set "
                             f"data.root to the folder that contains it (or use data.name=synthetic)")
-        mods = check_modalities(cls.folder, modalities, [*cls.modality_dirs, "text"])
-        image_mods = [m for m in mods if m != "text"]
-        captions = cls._read_captions(base) if "text" in mods else None
-        train = cls._read_split(base, cls.splits["train"], image_mods, captions)
-        test = cls._read_split(base, cls.splits["test"], image_mods, captions)
+        dirs = with_extra_dirs(cls.modality_dirs, modality_dirs)
+        mods = check_modalities(cls.folder, modalities, [*dirs, TEXT])
+        image_mods = modalities_module_image(mods)
+        captions = cls._read_captions(base) if TEXT in mods else None
+        train = cls._read_split(base, cls.splits["train"], image_mods, captions, dirs)
+        test = cls._read_split(base, cls.splits["test"], image_mods, captions, dirs)
         train = relabel(train)
         check_readable(train)
         check_readable(test)
@@ -249,10 +247,11 @@ class RGBNT201:
             raise DataError(f"{path} is not a JSON object of pid -> caption: {e}") from None
 
     @classmethod
-    def _read_split(cls, base: str, split: str, mods: List[str],
-                    captions: Optional[Dict[int, str]] = None) -> List[Sample]:
+    def _read_split(cls, base: str, split: str, mods: List[str], captions: Optional[Dict[int, str]] = None,
+                    modality_dirs: Optional[Dict[str, str]] = None) -> List[Sample]:
         split_dir = os.path.join(base, split)
-        dirs = {m: os.path.join(split_dir, cls.modality_dirs[m]) for m in mods}
+        folders = modality_dirs or cls.modality_dirs
+        dirs = {m: os.path.join(split_dir, folders[m]) for m in mods}
         samples = []
         for name in paired_names(dirs, cls.folder, split):
             try:
@@ -271,13 +270,26 @@ class RGBNT201:
         return samples
 
 
-def check_modalities(dataset: str, modalities: Sequence[str], available: Sequence[str]) -> List[str]:
+def with_extra_dirs(own: Dict[str, str], extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """A data set's modality folders plus ``data.modality_dirs`` (names canonical)."""
+    out = dict(own)
+    for m, d in (extra or {}).items():
+        out[canonical_modality(m)] = d
+    return out
+
+
+def modalities_module_image(mods: Sequence[str]) -> List[str]:
+    return modalities.image_modalities(mods)
+
+
+def check_modalities(dataset: str, modalities_: Sequence[str], available: Sequence[str]) -> List[str]:
     """``data.modalities`` canonical, checked against what ``dataset`` has, with at least one image modality."""
-    mods = [canonical_modality(m) for m in modalities]
+    mods = [canonical_modality(m) for m in modalities_]
     for m in mods:
         if m not in available:
-            raise DataError(f"{dataset} has no modality {m!r}; it has {list(available)} (data.modalities)")
-    if not any(m != "text" for m in mods):
+            raise DataError(f"{dataset} has no modality {m!r}; it has {list(available)} (data.modalities; a new "
+                            "image modality also needs its folder in data.modality_dirs)")
+    if not any(not is_text(m) for m in mods):
         raise DataError(f"data.modalities={mods}: {dataset} samples are images; add at least one image modality")
     return mods
 
@@ -352,14 +364,16 @@ class SplitFolders:
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
-        return cls.load(cfg.root, cfg.modalities)
+        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None))
 
     @classmethod
-    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
-        mods = check_modalities(cls.name, modalities, cls.available)
+    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None
+             ) -> ReIDData:
+        dirs = with_extra_dirs(getattr(cls, "modality_dirs", {}), modality_dirs)
+        mods = check_modalities(cls.name, modalities, list(dirs) or cls.available)
         base = find_base(root, cls.candidates, cls.splits[0], cls.folder,
                          f"extract {cls.folder} so that {os.path.join(cls.candidates[0], cls.splits[0])}/ exists")
-        train, query, gallery = (cls._read(base, split, mods) for split in cls.splits)
+        train, query, gallery = (cls._read(base, split, mods, dirs) for split in cls.splits)
         train = relabel(train)
         for ss in (train, query, gallery):
             check_readable(ss)
@@ -367,7 +381,7 @@ class SplitFolders:
         return ReIDData(train, query, gallery, mods, num_cams, name=cls.name, protocol=cls.protocol)
 
     @classmethod
-    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+    def _read(cls, base: str, split: str, mods: List[str], dirs: Dict[str, str]) -> List[Sample]:
         raise NotImplementedError
 
 
@@ -387,7 +401,7 @@ class RGBNT100(SplitFolders):
     pattern = re.compile(r"([-\d]+)_c(\d+)")
 
     @classmethod
-    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+    def _read(cls, base: str, split: str, mods: List[str], dirs: Dict[str, str]) -> List[Sample]:
         samples = [Sample({x: path for x in mods}, pid, cam - 1,
                           crops={x: (cls.strips[x], len(cls.strips)) for x in mods})
                    for path, pid, cam in market_files(base, split, cls.pattern, "RGBNT100/rgbir", "<pid>_c<cam>_*.jpg")]
@@ -408,6 +422,7 @@ class MSVR310(SplitFolders):
     candidates = ("MSVR310", "msvr310")
     splits = ("bounding_box_train", "query3", "bounding_box_test")
     modality_dirs = {"rgb": "vis", "nir": "ni", "tir": "th"}
+    extensible_modalities = True  # data.modality_dirs adds folders
     available = tuple(modality_dirs)
 
     @staticmethod
@@ -416,7 +431,7 @@ class MSVR310(SplitFolders):
         return int(name[0:4]), int(name[6:9]), int(name[11])
 
     @classmethod
-    def _read(cls, base: str, split: str, mods: List[str]) -> List[Sample]:
+    def _read(cls, base: str, split: str, mods: List[str], dirs: Dict[str, str]) -> List[Sample]:
         d = os.path.join(base, split)
         if not os.path.isdir(d):
             raise DataError(f"{d} is missing; MSVR310 has {', '.join(cls.splits)}")
@@ -425,14 +440,14 @@ class MSVR310(SplitFolders):
             vdir = os.path.join(d, vid)
             if not os.path.isdir(vdir):
                 continue
-            dirs = {m: os.path.join(vdir, cls.modality_dirs[m]) for m in mods}
-            for name in paired_names(dirs, "MSVR310", split):
+            mdirs = {m: os.path.join(vdir, dirs[m]) for m in mods}
+            for name in paired_names(mdirs, "MSVR310", split):
                 try:
                     pid, scene, cam = cls.parse_name(name)
                 except ValueError:
-                    raise DataError(f"cannot parse vid/scene/camera from {os.path.join(dirs[mods[0]], name)}: "
+                    raise DataError(f"cannot parse vid/scene/camera from {os.path.join(mdirs[mods[0]], name)}: "
                                     "expected <vid:4>_s<scene:3>_v<cam>_*.jpg") from None
-                samples.append(Sample({m: os.path.join(x, name) for m, x in dirs.items()}, pid, cam, sceneid=scene))
+                samples.append(Sample({m: os.path.join(x, name) for m, x in mdirs.items()}, pid, cam, sceneid=scene))
         if not samples:
             raise DataError(f"{d} has no <vid>/ folders with images: the {split!r} split is empty")
         return samples
@@ -465,7 +480,7 @@ class ORBench:
 
     @classmethod
     def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
-        mods = check_modalities("orbench", modalities, [*cls.modality_dirs, "text"])
+        mods = check_modalities("orbench", modalities, [*cls.modality_dirs, TEXT])
         if "rgb" not in mods:
             raise DataError(f"data.modalities={mods}: ORBench's gallery and training anchors are RGB; include rgb")
         base = find_base(root, cls.candidates, cls.train_file, "ORBench",
@@ -501,13 +516,13 @@ class ORBench:
         for i, a in enumerate(annos):
             try:
                 pid, rel = int(a["id"]), str(a["file_path"])
-                text = str(a["caption"]) if "text" in mods else None
+                text = str(a["caption"]) if TEXT in mods else None
             except (KeyError, TypeError, ValueError):
                 raise DataError(f"{path}: entry {i} needs id, file_path and caption; got {a!r}") from None
             folder = os.path.basename(os.path.dirname(rel))
             paths, sample_pools = {"rgb": os.path.join(base, rel)}, {}
             for m in mods:
-                if m in ("rgb", "text"):
+                if m == "rgb" or is_text(m):
                     continue
                 key = (m, folder)
                 if key not in pools:
@@ -559,7 +574,7 @@ class ORBench:
         for m, x in zip(qmods, entry[1:]):
             if not isinstance(x, str):
                 raise DataError(f"{bad}: the {m} item {x!r} is not a string")
-            if m == "text":
+            if is_text(m):
                 text = x
                 continue
             folder = x.replace("\\", "/").split("/")[0]
@@ -629,10 +644,11 @@ class Synthetic(RGBNT201):
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
-        return cls.load(cfg.root, cfg.modalities, cfg.synth)
+        return cls.load(cfg.root, cfg.modalities, cfg.synth, getattr(cfg, "modality_dirs", None))
 
     @classmethod
-    def load(cls, root: Optional[str], modalities: Sequence[str], spec=None) -> ReIDData:
+    def load(cls, root: Optional[str], modalities: Sequence[str], spec=None,
+             modality_dirs: Optional[Dict[str, str]] = None) -> ReIDData:
         from .synth import SynthSpec, ensure_generated
 
         spec = spec or SynthSpec()
@@ -641,7 +657,7 @@ class Synthetic(RGBNT201):
                   f"s{spec.seed}-{spec.size[0]}x{spec.size[1]}"
             root = os.path.join(default_cache_dir(), "synthetic", tag)
         ensure_generated(root, spec)
-        return super().load(root, modalities)
+        return super().load(root, modalities, modality_dirs)
 
 
 def load_data(cfg) -> ReIDData:
@@ -650,4 +666,7 @@ def load_data(cfg) -> ReIDData:
         cls = DATASETS.get(cfg.name)
     except KeyError as e:
         raise DataError(f"data.name: {e.args[0]}") from None
+    if getattr(cfg, "modality_dirs", None) and not getattr(cls, "extensible_modalities", False):
+        raise DataError(f"data.modality_dirs: {cfg.name} does not keep its modalities in folders; it cannot take "
+                        f"{sorted(cfg.modality_dirs)}")
     return cls.from_config(cfg)

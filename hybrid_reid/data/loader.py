@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..modalities import image_modalities, is_text
 from .datasets import DataError, Sample, open_image
 from .transforms import PairedTransform, SampleRNG
 
@@ -52,8 +53,9 @@ class MultiModalDataset(Dataset):
                  cache: bool = False, tokenize: Optional[Callable[[str], torch.Tensor]] = None,
                  resample: bool = False, seed: int = 0) -> None:
         self.samples = list(samples)
-        self.modalities = [m for m in modalities if m != "text"]
-        self.with_text = "text" in modalities
+        self.modalities = image_modalities(modalities)
+        self.text = next((m for m in modalities if is_text(m)), None)
+        self.with_text = self.text is not None
         if self.with_text and tokenize is None:
             raise ValueError("the text modality needs a tokenizer (the model's text_encoder.tokenize)")
         for m in self.modalities:
@@ -106,7 +108,7 @@ class MultiModalDataset(Dataset):
         images = {m: self._image(s, m, rng) for m in self.modalities}
         inputs = self.transform(images, rng) if self.transform.train else self.transform(images)
         if self.with_text:
-            inputs["text"] = self.tokenize(s.text or "")[0]
+            inputs[self.text] = self.tokenize(s.text or "")[0]
         return {"images": inputs, "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid, "indices": i}
 
 

@@ -27,6 +27,8 @@ from accelerate import Accelerator
 from ..config import Config
 from ..data import PairedTransform, ReIDData, Sample, build_test_loader, canonical_modality
 from ..evaluation import rank_metrics
+from ..modalities import image_modalities, short_name
+from ..registry import Registry
 from ..utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -75,22 +77,11 @@ def missing_cases(modalities: Sequence[str]) -> List[Tuple[List[str], List[str]]
 
 def case_name(removed: Sequence[str]) -> str:
     """RGBNT201's names: ``r``, ``n``, ``t`` for rgb, nir, tir (other modalities by full name)."""
-    short = {"rgb": "r", "nir": "n", "tir": "t"}
-    return "".join(short[m] for m in removed) if all(m in short for m in removed) else "+".join(removed)
+    return short_name(removed)
 
 
 def eval_modalities(cfg: Config, data: ReIDData) -> Tuple[Optional[List[str]], Optional[List[str]]]:
-    """``eval.query_modalities`` / ``eval.gallery_modalities``, canonical and checked (None = all);
-    also checks that ``eval.protocol`` suits the data set."""
-    if cfg.eval.protocol == "orbench" and "rgb" not in data.modalities:
-        raise ValueError(f"eval.protocol=orbench ranks against an RGB gallery; data.modalities={data.modalities} "
-                         "has no rgb")
-    if data.query_sets is not None and cfg.eval.protocol != "orbench":
-        raise ValueError(f"data.name={data.name} has several query sets ({', '.join(data.query_sets)}); "
-                         "set eval.protocol=orbench")
-    if data.protocol == "msvr310" and cfg.eval.protocol == "market":
-        logger.warning("data.name=%s: its papers evaluate with eval.protocol=msvr310 (same scene removed); "
-                       "this run uses market (same camera removed)", data.name)
+    """``eval.query_modalities`` / ``eval.gallery_modalities``, canonical and checked (None = all)."""
     out = []
     for key in ("query_modalities", "gallery_modalities"):
         mods = getattr(cfg.eval, key)
@@ -161,6 +152,12 @@ class Evaluator:
                  tokenize=None) -> None:
         self.accelerator, self.cfg, self.data = accelerator, cfg, data
         self.transform, self.tokenize = transform, tokenize
+        self.anchor = canonical_modality(cfg.data.anchor_modality)
+        try:
+            self.protocol = PROTOCOLS.get(cfg.eval.protocol)()
+        except KeyError as e:
+            raise ValueError(f"eval.protocol: {e.args[0]}") from None
+        self.protocol.check(cfg, data)
         self.qm, self.gm = eval_modalities(cfg, data)
         self._loaders: Dict[str, object] = {}
         self.features: Dict[str, FeatureSet] = {}
@@ -175,7 +172,8 @@ class Evaluator:
             self._loaders[name] = self.accelerator.prepare_data_loader(loader)
         return self._loaders[name]
 
-    def _rank(self, q: FeatureSet, g: FeatureSet) -> Dict[str, object]:
+    def rank(self, q: FeatureSet, g: FeatureSet) -> Dict[str, object]:
+        """``rank_metrics`` of query against gallery with the ``eval`` settings (metric, re-ranking, AQE)."""
         e = self.cfg.eval
         rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
         aqe = (e.aqe_k, e.aqe_alpha) if e.aqe else None
@@ -184,76 +182,154 @@ class Evaluator:
 
     def run(self, model) -> Dict[str, object]:
         """Metrics (percent) of ``model`` under ``eval.protocol``: the main numbers at the top level,
-        the protocol's cases under ``"missing"`` / ``"orbench"``."""
-        if self.cfg.eval.protocol == "orbench":
-            return self._orbench(model)
-        return self._market(model)
+        the protocol's cases under its own key (``"missing"``, ``"orbench"``)."""
+        return self.protocol.run(self, model)
 
-    def _market(self, model) -> Dict[str, object]:
+    def sides(self, model, loader, qm, gm, zero=(), camids=None) -> Tuple[FeatureSet, FeatureSet]:
+        """Query and gallery feature sets of the test split (query and gallery modalities ``qm`` /
+        ``gm``, None = all; ``zero``: modalities fed as zero images; ``camids(samples)``: what the
+        protocol filters on, default the cameras)."""
         data, e = self.data, self.cfg.eval
+        feats = extract_features(self.accelerator, model, loader, e.feat, qm, zero)
+        other = feats if gm == qm else extract_features(self.accelerator, model, loader, e.feat, gm, zero)
+        nq = len(data.query)
+        qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
+        ids = camids or (lambda ss: None)
+        return (FeatureSet.of(qf, data.query, qm or data.modalities, ids(data.query)),
+                FeatureSet.of(gf, data.gallery, gm or data.modalities, ids(data.gallery)))
+
+    def test_loader(self):
+        """The loader of the test split(s) with every modality."""
+        data = self.data
         samples = data.query if data.shared_query_gallery else data.query + data.gallery
-        loader = self.loader("test", samples, data.modalities)
-        scene = e.protocol == "msvr310"
-        if scene and any(s.sceneid < 0 for s in samples):
-            raise ValueError(f"eval.protocol=msvr310 needs scene ids; data.name={data.name} has none (use market)")
-        ids = lambda ss: [s.sceneid for s in ss] if scene else None  # noqa: E731
+        return self.loader("test", samples, data.modalities)
 
-        def sides(qm, gm, zero=()) -> Tuple[FeatureSet, FeatureSet]:
-            feats = extract_features(self.accelerator, model, loader, e.feat, qm, zero)
-            other = feats if gm == qm else extract_features(self.accelerator, model, loader, e.feat, gm, zero)
-            nq = len(data.query)
-            qf, gf = (feats, other) if data.shared_query_gallery else (feats[:nq], other[nq:])
-            return (FeatureSet.of(qf, data.query, qm or data.modalities, ids(data.query)),
-                    FeatureSet.of(gf, data.gallery, gm or data.modalities, ids(data.gallery)))
 
-        q, g = sides(self.qm, self.gm)
-        self.features, self.ranked = {"query": q, "gallery": g}, {"query": ("query", "gallery")}
-        result = self._rank(q, g)
-        self.curves = {"query": result["cmc"]}
-        result["protocol"] = e.protocol
-        if e.protocol == "missing":
-            cases = {}
-            for removed, present in missing_cases(data.modalities):
-                if e.missing_fill == "zeros":
-                    zero = [m for m in removed if m != "text"]
-                    kept = [m for m in data.modalities if m not in removed or m in zero]
-                else:
-                    zero, kept = [], present
-                cases[case_name(removed)] = self._rank(*sides(kept, kept, zero))
-            cases["average"] = _mean(list(cases.values()))
-            result["missing"] = {name: {k: c[k] for k in METRIC_KEYS} for name, c in cases.items()}
+#: Evaluation protocols by name (``eval.protocol``). A protocol is a class with ``check(cfg, data)``
+#: (a bad setting fails before training) and ``run(evaluator, model) -> metrics``.
+PROTOCOLS: Registry[type] = Registry("evaluation protocol")
+
+
+class Protocol:
+    """Base class: rank the test split's query features against its gallery; ``camids`` says what a
+    match is filtered on (the camera here)."""
+
+    name = "market"
+
+    @classmethod
+    def check(cls, cfg: Config, data: ReIDData) -> None:
+        if data.query_sets is not None:
+            raise ValueError(f"data.name={data.name} has several query sets ({', '.join(data.query_sets)}); "
+                             "set eval.protocol=orbench")
+        if data.protocol == "msvr310" and cls.name == "market":
+            logger.warning("data.name=%s: its papers evaluate with eval.protocol=msvr310 (same scene removed); "
+                           "this run uses market (same camera removed)", data.name)
+
+    @staticmethod
+    def camids(samples: Sequence[Sample]) -> Optional[List[int]]:
+        return None
+
+    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
+        q, g = ev.sides(model, ev.test_loader(), ev.qm, ev.gm, camids=self.camids)
+        ev.features, ev.ranked = {"query": q, "gallery": g}, {"query": ("query", "gallery")}
+        result = ev.rank(q, g)
+        ev.curves = {"query": result["cmc"]}
+        result["protocol"] = ev.cfg.eval.protocol
         return result
 
-    def query_sets(self) -> Dict[str, Tuple[List[Sample], List[str]]]:
+
+PROTOCOLS.register("market")(Protocol)
+
+
+@PROTOCOLS.register("msvr310")
+class SceneProtocol(Protocol):
+    """MSVR310's rule: gallery items of the query's identity *and scene* are removed (at any camera)."""
+
+    name = "msvr310"
+
+    @classmethod
+    def check(cls, cfg: Config, data: ReIDData) -> None:
+        super().check(cfg, data)
+        samples = data.query + data.gallery
+        if any(s.sceneid < 0 for s in samples):
+            raise ValueError(f"eval.protocol=msvr310 needs scene ids; data.name={data.name} has none (use market)")
+
+    @staticmethod
+    def camids(samples: Sequence[Sample]) -> Optional[List[int]]:
+        return [s.sceneid for s in samples]
+
+
+@PROTOCOLS.register("missing")
+class MissingProtocol(Protocol):
+    """RGBNT201's missing-modality table: the full-input numbers, then every case with some modalities
+    taken from query and gallery alike (``eval.missing_fill``: left out, or zero images after
+    normalisation as DeMo does), and their average, under ``"missing"``."""
+
+    name = "missing"
+
+    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
+        result = super().run(ev, model)
+        data, e = ev.data, ev.cfg.eval
+        loader = ev.test_loader()
+        cases = {}
+        for removed, present in missing_cases(data.modalities):
+            if e.missing_fill == "zeros":
+                zero = image_modalities(removed)
+                kept = [m for m in data.modalities if m not in removed or m in zero]
+            else:
+                zero, kept = [], present
+            cases[case_name(removed)] = ev.rank(*ev.sides(model, loader, kept, kept, zero, self.camids))
+        cases["average"] = _mean(list(cases.values()))
+        result["missing"] = {name: {k: c[k] for k in METRIC_KEYS} for name, c in cases.items()}
+        return result
+
+
+@PROTOCOLS.register("orbench")
+class ORBenchProtocol(Protocol):
+    """ORBench: a gallery of the anchor modality (``data.anchor_modality``, RGB) against every query
+    set, no camera filtering; per set, the averages by number of query modalities, their mean (the
+    benchmark's headline) and the mean over sets, under ``"orbench"``."""
+
+    name = "orbench"
+
+    @classmethod
+    def check(cls, cfg: Config, data: ReIDData) -> None:
+        anchor = canonical_modality(cfg.data.anchor_modality)
+        if anchor not in data.modalities:
+            raise ValueError(f"eval.protocol=orbench ranks against a gallery of the anchor modality {anchor!r}; "
+                             f"data.modalities={data.modalities} does not have it (data.anchor_modality)")
+
+    @staticmethod
+    def query_sets(ev: "Evaluator") -> Dict[str, Tuple[List[Sample], List[str]]]:
         """``{name: (samples, modalities)}``: the data's query sets, or every non-empty subset of the
-        non-RGB modalities of the query split."""
-        data = self.data
+        modalities other than the anchor, on the query split."""
+        data = ev.data
         if data.query_sets is not None:
             return {n: (q, list(q[0].modalities)) for n, q in data.query_sets.items() if q}
-        others = [m for m in data.modalities if m != "rgb"]
+        others = [m for m in data.modalities if m != ev.anchor]
         if not others:
-            raise ValueError("eval.protocol=orbench needs modalities besides rgb to query with")
+            raise ValueError(f"eval.protocol=orbench needs modalities besides {ev.anchor} to query with")
         return {"+".join(c): (data.query, list(c)) for k in range(1, len(others) + 1)
                 for c in combinations(others, k)}
 
-    def _orbench(self, model) -> Dict[str, object]:
-        data, e = self.data, self.cfg.eval
+    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
+        data, e, anchor = ev.data, ev.cfg.eval, ev.anchor
         shared = data.query_sets is None and data.shared_query_gallery
         # no camera filtering; when query and gallery are one split, only the identical capture is removed
         q_ids = lambda ss: list(range(len(ss))) if shared else [-1] * len(ss)  # noqa: E731
-        gallery_feat = extract_features(self.accelerator, model, self.loader("gallery", data.gallery, ["rgb"]), e.feat)
-        g = FeatureSet.of(gallery_feat, data.gallery, ["rgb"],
+        gallery_feat = extract_features(ev.accelerator, model, ev.loader("gallery", data.gallery, [anchor]), e.feat)
+        g = FeatureSet.of(gallery_feat, data.gallery, [anchor],
                           list(range(len(data.gallery))) if shared else [0] * len(data.gallery))
-        self.features, self.ranked, self.curves = {"gallery": g}, {}, {}
+        ev.features, ev.ranked, ev.curves = {"gallery": g}, {}, {}
         cases: Dict[str, Dict[str, object]] = {}
-        for name, (samples, mods) in self.query_sets().items():
-            loader = self.loader(f"query:{name}", samples, mods)
-            qf = extract_features(self.accelerator, model, loader, e.feat, mods)
+        for name, (samples, mods) in self.query_sets(ev).items():
+            loader = ev.loader(f"query:{name}", samples, mods)
+            qf = extract_features(ev.accelerator, model, loader, e.feat, mods)
             q = FeatureSet.of(qf, samples, mods, q_ids(samples))
-            self.features[f"query:{name}"] = q
-            self.ranked[name] = (f"query:{name}", "gallery")
-            cases[name] = self._rank(q, g)
-            self.curves[name] = cases[name]["cmc"]
+            ev.features[f"query:{name}"] = q
+            ev.ranked[name] = (f"query:{name}", "gallery")
+            cases[name] = ev.rank(q, g)
+            ev.curves[name] = cases[name]["cmc"]
         by_size: Dict[int, List[Dict[str, object]]] = {}
         for name, c in cases.items():
             by_size.setdefault(len(name.split("+")), []).append(c)
@@ -262,13 +338,13 @@ class Evaluator:
         for size, cs in sorted(by_size.items()):
             table[f"average {size}-modality"] = _mean(cs)
             size_means.append(table[f"average {size}-modality"])
-            self.curves[f"average {size}-modality"] = list(np.mean([c["cmc"] for c in cs], axis=0))
+            ev.curves[f"average {size}-modality"] = list(np.mean([c["cmc"] for c in cs], axis=0))
         # the benchmark's headline (ReID5o): the mean of the per-size averages, so the 4 single-modality
         # tasks weigh as much as the 12 pairs; the plain mean over all sets is kept beside it
         table["average"] = _mean(size_means)
         table["mean over sets"] = _mean(list(cases.values()))
         result: Dict[str, object] = dict(table["average"])
-        result["cmc"] = list(np.mean([self.curves[f"average {s}-modality"] for s in sorted(by_size)], axis=0))
+        result["cmc"] = list(np.mean([ev.curves[f"average {s}-modality"] for s in sorted(by_size)], axis=0))
         result["protocol"] = "orbench"
         result["orbench"] = table
         return result

@@ -7,14 +7,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from accelerate import Accelerator
 
+from .. import modalities
 from ..config import Config
 from ..data import DataError, Sample, build_test_loader, canonical_modality, load_data
-from ..data.datasets import IMAGE_EXTENSIONS, MODALITY_ALIASES, paired_names
+from ..data.datasets import IMAGE_EXTENSIONS, paired_names
 from ..models import build_model, load_model_weights
 from .evaluator import FeatureSet, extract_features, save_features
 from .train import _cpu_only, _tokenizer, _transform, resolve_config
 
 logger = logging.getLogger(__name__)
+
+
+def _image_modality_dir(name: str) -> bool:
+    """Whether a folder name names an image modality (``RGB``, ``NI``, ``vis``, ``sk``, a declared one ...)."""
+    try:
+        return not modalities.is_text(name)
+    except ValueError:
+        return False
 
 
 def folder_samples(root: str, modality: Optional[str] = None, cam: int = 0,
@@ -28,8 +37,8 @@ def folder_samples(root: str, modality: Optional[str] = None, cam: int = 0,
     """
     if not os.path.isdir(root):
         raise DataError(f"--images {root}: not a folder")
-    subdirs = {canonical_modality(d): os.path.join(root, d) for d in sorted(os.listdir(root))
-               if os.path.isdir(os.path.join(root, d)) and d.lower() in MODALITY_ALIASES and d.lower() != "text"}
+    subdirs = {modalities.canonical(d): os.path.join(root, d) for d in sorted(os.listdir(root))
+               if os.path.isdir(os.path.join(root, d)) and _image_modality_dir(d)}
     if subdirs:
         rank = {m: i for i, m in enumerate(order)}
         subdirs = dict(sorted(subdirs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
@@ -56,14 +65,14 @@ def extract_folder(cfg: Config, checkpoint: str, images: str, out: str, modality
     if cfg.model.num_classes == 0:
         cfg = resolve_config(cfg, load_data(cfg.data))
     model_mods = [canonical_modality(m) for m in cfg.data.modalities]
-    samples, mods = folder_samples(images, modality or next(m for m in model_mods if m != "text"), cam,
+    samples, mods = folder_samples(images, modality or modalities.image_modalities(model_mods)[0], cam,
                                    order=model_mods)
     missing = [m for m in mods if m not in model_mods]
     if missing:
         raise DataError(f"--images {images} holds {missing}, which the model (data.modalities={model_mods}) "
                         "was not trained with")
     accelerator = Accelerator(cpu=_cpu_only())
-    model = build_model(cfg.model, load_pretrained=False, modalities=model_mods)
+    model = build_model(cfg.model, load_pretrained=False, modalities=model_mods, anchor=cfg.data.anchor_modality)
     load_model_weights(model, checkpoint)
     loader = build_test_loader(samples, mods, _transform(cfg, model, train=False), cfg.data.test_batch_size,
                                cfg.data.num_workers, tokenize=_tokenizer(model))

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ..config import Config, OptimConfig, TrainConfig, to_dict
+from ..config import Config, ConfigError, OptimConfig, TrainConfig, load_config, to_dict
 from ..data import PairedTransform, ReIDData, build_train_loader, load_data
 from ..losses import build_criterion
 from ..models import CheckpointError, ReIDModel, build_model, load_model_weights
@@ -205,8 +205,15 @@ def check_resume_config(cfg: Config, allow_change: bool) -> None:
     path = os.path.join(cfg.output_dir, "config.yaml")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        old = yaml.safe_load(f) or {}
+    try:  # through the schema, so an older run's shorthand (model.backbone) compares as its towers
+        old = to_dict(load_config(path))
+    except ConfigError as e:
+        if allow_change:
+            logger.warning("--allow-config-change: the run's %s no longer loads (%s); resuming with the new config",
+                           path, e)
+            return
+        raise ConfigChangedError(f"--resume: the run's {path} no longer loads ({e}); resume with "
+                                 "--allow-config-change to use the new config as it is") from None
     changes = config_changes(old, to_dict(cfg))
     if not changes:
         return
@@ -293,7 +300,8 @@ def report_metrics(cfg: Config, data: ReIDData, accelerator: Accelerator, metric
     and log it."""
     path = path or os.path.join(cfg.output_dir, "metrics.json")
     result = write_metrics(path, metrics, {
-        **extra, "dataset": cfg.data.name, "modalities": data.modalities, "backbone": cfg.model.backbone,
+        **extra, "dataset": cfg.data.name, "modalities": data.modalities, "backbone": cfg.model.label,
+        "towers": {t: s.arch for t, s in cfg.model.towers.items()},
         "fusion": cfg.model.fusion if len(cfg.model.towers) > 1 else None,
         "modality_fusion": cfg.model.modality_fusion, "query_modalities": cfg.eval.query_modalities,
         "gallery_modalities": cfg.eval.gallery_modalities, "rerank": cfg.eval.rerank, "aqe": cfg.eval.aqe,
@@ -400,7 +408,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
     if main:
         logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
 
-    model = build_model(cfg.model, modalities=data.modalities)
+    model = build_model(cfg.model, modalities=data.modalities, anchor=cfg.data.anchor_modality)
     num_params = sum(p.numel() for p in model.parameters())
     train_loader = build_train_loader(
         data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
@@ -413,7 +421,7 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
     optimizer = build_optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
-    criterion = build_criterion(cfg.loss, cfg.model.clip_consistency)
+    criterion = build_criterion(cfg.loss, cfg.model.clip_consistency, cfg.data.anchor_modality)
     model = _prepare_model(accelerator, cfg, model)
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -619,7 +627,8 @@ def load_trained(cfg: Config, checkpoint: str):
     if accelerator.is_main_process:
         logger.info("data %s:\n%s", cfg.data.name, data.summary_table())
     cfg = resolve_config(cfg, data)
-    model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities)
+    model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities,
+                        anchor=cfg.data.anchor_modality)
     evaluator = _evaluator(accelerator, cfg, data, model)  # bad eval.* settings fail before the weights load
     load_model_weights(model, checkpoint)
     model = accelerator.prepare(model)

@@ -218,11 +218,13 @@ class Criterion(nn.Module):
         return out
 
 
-def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None) -> Criterion:
+def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None,
+                    anchor: Optional[str] = None) -> Criterion:
     """Build from the ``loss`` config section: ``{name: {"weight": w, **kwargs}}``; weight 0 skips a loss.
 
     ``clip_consistency`` (the ``model.clip_consistency`` section) adds that loss with its epoch
-    schedule when its weight is positive.
+    schedule when its weight is positive. ``anchor`` (``data.anchor_modality``) is given to every
+    loss that takes an ``anchor`` argument and does not set its own.
     """
     losses, weights = {}, {}
     for name, spec in cfg.items():
@@ -239,6 +241,8 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None)
             raise ValueError(f"loss.{name}: unknown argument {unknown[0]!r}; valid: {valid}")
         if weight == 0:
             continue
+        if anchor is not None and "anchor" in params and "anchor" not in kwargs:
+            kwargs["anchor"] = anchor
         losses[name], weights[name] = cls(**kwargs), weight
     cc = clip_consistency
     if cc is not None and cc.weight > 0:

@@ -1,14 +1,23 @@
 """Models: the backbone adapter, multi-scale extractor, tower fusions and the ReID model."""
-from .backbone import TOWERS, Backbone, BackboneOutput, CameraViewEmbedding, StridedPatchEmbed, create_backbone
+from .backbone import (
+    TOWERS,
+    Backbone,
+    BackboneOutput,
+    CameraViewEmbedding,
+    StridedPatchEmbed,
+    create_backbone,
+    create_tower,
+)
 from .checkpoint import CheckpointError, load_model_weights, read_state_dict
+from .families import FAMILIES, TowerFamily
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
 
 __all__ = [
-    "TOWERS", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "load_model_weights",
+    "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
     "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
-    "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "parameter_summary",
+    "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "create_tower", "parameter_summary",
     "read_state_dict",
 ]

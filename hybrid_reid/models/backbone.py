@@ -1,16 +1,18 @@
-"""One adapter for the CLIP ViT (open_clip) and the ImageNet ViT (timm).
+"""One adapter for every ViT-family tower: open_clip's CLIP ViTs and timm's ViT family.
 
-Both towers are built as timm ``VisionTransformer``s: the ImageNet ViT directly from its timm name,
-the CLIP image tower from its open_clip model config (pre-norm, QuickGELU, LayerNorm eps 1e-5) and
-loaded through timm's OpenAI-CLIP key converter. They therefore share every hook point: the strided
-patch embedding, the camera/view embedding (a pre-hook on ``pos_drop``, i.e. after the positional
-embedding, TransReID's place) and, later, the LoRA target names. An equality test against
-open_clip's own ``encode_image`` keeps the CLIP build honest.
+Every tower is a timm model: the CLIP image tower is built as a timm ``VisionTransformer`` from its
+open_clip model config (pre-norm, QuickGELU, LayerNorm eps 1e-5; an equality test against open_clip's
+``encode_image`` keeps it honest), any timm ViT-family name directly (ImageNet ViT, DeiT incl.
+distilled, DINOv2 with or without registers, SigLIP, EVA-02, timm's CLIP ViTs). They share every
+hook point: the strided patch embedding, the camera/view embedding (a pre-hook on ``pos_drop``,
+i.e. right after the positional embedding, TransReID's place, in every family) and the MER LoRA
+targets. What differs per family (the global token, the LoRA layers, stride support) lives in
+:mod:`hybrid_reid.models.families`.
 
 Call signature, whatever the tower::
 
     out = backbone(images, cam_ids=cams, view_ids=views)  # BackboneOutput(cls [B,D], patches [B,N,D], grid)
-    feat = backbone.embed(images)                          # CLIP: [B, 512] projection; ViT: [B, D] CLS
+    feat = backbone.embed(images)                          # CLIP: [B, 512] projection; others: [B, D] global
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ from torch import nn
 from ..registry import Registry
 from .checkpoint import load_tower_weights
 from .experts import ModalityExperts
+from .families import TowerFamily, family_for_module, family_of
 
 _logger = logging.getLogger(__name__)
 
-#: Tower kinds: name -> builder(arch, img_size, stride, **tower_kwargs) -> TowerSpec.
+#: Tower sources: name -> builder(arch, img_size, stride, **tower_kwargs) -> TowerSpec. ``clip`` builds
+#: open_clip model names (``ViT-B-16-quickgelu``), ``vit`` any timm ViT-family name.
 TOWERS: Registry[Callable[..., "TowerSpec"]] = Registry("backbone kind")
 
 IntPair = Union[int, Tuple[int, int], Sequence[int]]
@@ -41,8 +45,11 @@ class BackboneOutput:
     """Tokens of one tower after its final norm.
 
     Attributes:
-        cls: [B, D] class token (camera/view embedding applied, no projection).
-        patches: [B, N, D] patch tokens, row-major over ``grid``.
+        cls: [B, D] the tower's global token: its class token (DeiT distilled: the mean of the class
+            and distillation tokens; SigLIP: its attention-pool output; see ``global_pool``), camera /
+            view embedding applied, no projection.
+        patches: [B, N, D] patch tokens, row-major over ``grid`` (class, distillation and register
+            tokens excluded).
         grid: (h, w) patch grid, ``h * w == N``.
     """
 
@@ -153,34 +160,44 @@ class CameraViewEmbedding(nn.Module):
 
 # ---------------------------------------------------------------------------------------- backbone
 class Backbone(nn.Module):
-    """A timm ViT tower with camera/view embedding, optional CLIP projection and its preprocessing.
+    """A timm ViT-family tower with camera/view embedding, optional CLIP projection and its preprocessing.
 
     Attributes:
-        kind: ``clip`` or ``vit``.
-        tower: the timm ``VisionTransformer`` (``num_classes=0``).
+        kind: the builder (``clip``: open_clip config; ``vit``: timm name).
+        family: the :class:`~hybrid_reid.models.families.TowerFamily` (``vit``, ``deit_distilled``, ``eva``).
+        tower: the timm model (``num_classes=0``).
         sie: the camera/view embedding, or None.
         proj: CLIP's projection (``nn.Linear(D, out_dim, bias=False)``) or None.
-        embed_dim: token width D (768 for both B/16 towers).
-        out_dim: width of :meth:`embed` (512 for CLIP B/16, D for the ViT).
+        embed_dim: token width D (768 for the B/16 towers).
+        out_dim: width of :meth:`embed` (512 for CLIP B/16, D otherwise).
         grid: patch grid (h, w) at ``img_size``.
-        mean, std: the normalisation the tower was trained with (RGB order).
+        pool: how the global token is read (``cls``, ``cls+dist``, ``map``, ``avg``).
+        mean, std: the normalisation the tower expects (RGB order).
     """
 
     def __init__(self, kind: str, spec: TowerSpec, img_size: Tuple[int, int], sie: Optional[CameraViewEmbedding],
-                 arch: str = "") -> None:
+                 arch: str = "", global_pool: str = "auto", distill_token: str = "average") -> None:
         super().__init__()
         self.kind, self.arch, self.img_size = kind, arch, img_size
         self.tower = spec.tower
+        self.family: TowerFamily = family_of(self.tower)
         self.embed_dim: int = self.tower.embed_dim
         self.num_prefix_tokens: int = getattr(self.tower, "num_prefix_tokens", 1)
         self.grid: Tuple[int, int] = tuple(self.tower.patch_embed.grid_size)  # type: ignore[assignment]
         self.mean, self.std = spec.mean, spec.std
+        if distill_token not in ("average", "drop"):
+            raise ValueError(f"distill_token must be 'average' or 'drop', got {distill_token!r}")
+        pool = self.family.resolve_pool(self.tower, global_pool, arch)
+        self.pool = "cls" if pool == "cls+dist" and distill_token == "drop" else pool
         self.proj = nn.Linear(self.embed_dim, spec.out_dim, bias=False) if spec.out_dim else None
         if self.proj is not None:
             nn.init.normal_(self.proj.weight, std=self.embed_dim ** -0.5)  # open_clip's init
         self.out_dim: int = spec.out_dim or self.embed_dim
+        if sie is not None and sie.mode == "cls" and not self.family.has_class_token(self.tower):
+            raise ValueError(f"sie_mode: cls adds the camera embedding to the class token, but {arch or 'this tower'} "
+                             "has no class token (it pools its patch tokens); use sie_mode: all")
         self.sie = sie
-        self.experts = ModalityExperts(self.tower)  # per-modality tokenizers / LoRA, installed on demand
+        self.experts = ModalityExperts(self.tower, self.family)  # per-modality tokenizers / LoRA, on demand
         self._sie_bias: Optional[torch.Tensor] = None
         if sie is not None:
             self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
@@ -214,11 +231,12 @@ class Backbone(nn.Module):
         finally:
             self._sie_bias = None
         npt = self.num_prefix_tokens
-        return BackboneOutput(cls=tokens[:, 0], patches=tokens[:, npt:], grid=self.grid)
+        glob = self.family.global_token(self.tower, tokens, self.pool, npt)
+        return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid)
 
     def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
               view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> torch.Tensor:
-        """[B, out_dim]: CLIP's projected image feature, or the ViT's CLS after the final norm."""
+        """[B, out_dim]: CLIP's projected image feature, or the tower's global token after the final norm."""
         cls = self.forward(images, cam_ids, view_ids, modality).cls
         return self.proj(cls) if self.proj is not None else cls
 
@@ -229,7 +247,8 @@ class Backbone(nn.Module):
         self.tower.set_grad_checkpointing(enable)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, arch={self.arch!r}, grid={self.grid}, out_dim={self.out_dim}"
+        return (f"kind={self.kind!r}, family={self.family.name!r}, arch={self.arch!r}, grid={self.grid}, "
+                f"pool={self.pool!r}, out_dim={self.out_dim}")
 
 
 # ----------------------------------------------------------------------------------- tower builders
@@ -287,44 +306,72 @@ def _build_clip(arch: str, img_size: Tuple[int, int], stride: Optional[int], **k
 
 @TOWERS.register("vit")
 def _build_vit(arch: str, img_size: Tuple[int, int], stride: Optional[int], **kwargs: Any) -> TowerSpec:
-    """ImageNet ViT from its timm name (no download: ``pretrained=False``; weights come from a file)."""
+    """Any timm ViT-family model from its name (no download: ``pretrained=False``; weights come from a
+    file): ViT, DeiT (incl. distilled), DINOv2 (incl. registers), SigLIP, EVA-02, timm's CLIP ViTs."""
     import timm
-    from timm.models.vision_transformer import VisionTransformer
 
     kw = _check_kwargs("vit", kwargs, _VIT_KWARGS)
     name = arch.split(".")[0]
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=3)
+        close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("eva*"), n=3)
         raise ValueError(f"{arch!r} is not a timm model name (closest: {close})")
+    family = family_for_module(timm.models.model_entrypoint(name).__module__)
     renames = {"width": "embed_dim", "layers": "depth", "heads": "num_heads", "drop_path": "drop_path_rate"}
     timm_kw = {renames.get(k, k): v for k, v in kw.items()}
+    if family.supports_stride:
+        timm_kw["embed_layer"] = partial(StridedPatchEmbed, stride=stride)
+    elif stride is not None and _pair(stride) != _pair(kw.get("patch_size", _patch_size_of(name))):
+        raise ValueError(f"stride {stride}: the {family.name} family ({arch}) builds its rotary position table for "
+                         "the plain patch grid; set stride to null (the patch size)")
     try:
-        tower = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size,
-                                  embed_layer=partial(StridedPatchEmbed, stride=stride), **timm_kw)
+        tower = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **timm_kw)
     except TypeError as e:
-        raise ValueError(f"timm model {arch!r} cannot be built as a ViT tower ({e}); "
-                         "the vit backbone takes timm VisionTransformer names") from None
-    if not isinstance(tower, VisionTransformer):
-        raise ValueError(f"timm model {arch!r} is a {type(tower).__name__}, not a VisionTransformer")
+        raise ValueError(f"timm model {arch!r} cannot be built as a tower ({e})") from None
+    family_of(tower)  # a ViT-family model, or an error naming the families
     cfg = tower.pretrained_cfg or {}
     return TowerSpec(tower, None, tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5))))
 
 
+def _patch_size_of(name: str) -> int:
+    """The patch size in a timm name (``..._patch14_...``), 16 if it does not say."""
+    import re
+
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else 16
+
+
+def detect_kind(arch: str) -> str:
+    """``clip`` for an open_clip model name (``ViT-B-16-quickgelu``), ``vit`` for a timm name."""
+    import open_clip
+
+    return "clip" if open_clip.get_model_config(arch) is not None else "vit"
+
+
 def create_backbone(kind: str, *, arch: str, pretrained: Optional[str] = None,
                     img_size: IntPair = (256, 128), stride: Optional[int] = None, num_cams: int = 0,
-                    num_views: int = 0, sie_coef: float = 1.0, sie_mode: str = "all",
-                    **tower_kwargs: Any) -> Backbone:
-    """Build a CLIP or ViT tower behind the common :class:`Backbone` call.
+                    num_views: int = 0, sie_coef: float = 1.0, sie_mode: str = "all", global_pool: str = "auto",
+                    distill_token: str = "average", mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None, **tower_kwargs: Any) -> Backbone:
+    """Build a ViT-family tower behind the common :class:`Backbone` call.
 
     Args:
-        kind: ``"clip"`` (open_clip name) or ``"vit"`` (timm name); see ``TOWERS.names()``.
-        arch: architecture name, e.g. ``ViT-B-16-quickgelu`` or ``vit_base_patch16_224``.
-        pretrained: local checkpoint path (OpenAI TorchScript ``.pt``, open_clip / timm / TransReID
-            state dict, safetensors) or None for random init. Never downloaded.
+        kind: ``"clip"`` (open_clip name), ``"vit"`` (any timm ViT-family name) or ``"auto"`` (from
+            ``arch``); see ``TOWERS.names()``.
+        arch: architecture name, e.g. ``ViT-B-16-quickgelu``, ``vit_base_patch16_224``,
+            ``vit_small_patch14_reg4_dinov2``, ``vit_base_patch16_siglip_256``, ``eva02_small_patch14_224``,
+            ``deit_base_distilled_patch16_224``.
+        pretrained: local checkpoint path (OpenAI TorchScript ``.pt``, open_clip / timm / TransReID /
+            CLIP-ReID / MambaPro state dict, safetensors) or None for random init. Never downloaded.
         img_size: input (h, w); the positional embedding is resized to the resulting grid.
         stride: patch stride (None = patch size); 12 gives 21x10 at 256x128.
         num_cams, num_views: rows of the camera/view embedding (both 0: no embedding).
-        sie_coef: embedding scale. sie_mode: ``all`` tokens (TransReID) or ``cls`` only (CLIP-ReID).
+        sie_coef: embedding scale. sie_mode: ``all`` tokens (TransReID) or ``cls`` only (CLIP-ReID;
+            needs a class token).
+        global_pool: the global token: ``auto`` (the family's own: class token, else an attention
+            pool, else the mean of the patches), ``cls``, ``map`` or ``avg``.
+        distill_token: DeiT distilled towers: ``average`` the class and distillation tokens (DeiT at
+            inference) or ``drop`` the distillation token.
+        mean, std: the input normalisation the tower expects (default: its own pretraining's).
         **tower_kwargs: ``width``, ``layers`` (``depth``), ``heads``, ``mlp_ratio``, ``patch_size``,
             ``drop_path``, and for CLIP ``out_dim`` — tiny towers for tests.
 
@@ -332,15 +379,31 @@ def create_backbone(kind: str, *, arch: str, pretrained: Optional[str] = None,
         >>> vit = create_backbone("vit", arch="vit_base_patch16_224", stride=12, num_cams=6, sie_coef=3.0)
         >>> out = vit(images, cam_ids=cams)        # cls [B,768], patches [B,210,768], grid (21,10)
     """
+    kind = detect_kind(arch) if kind == "auto" else kind
     builder = TOWERS.get(kind)
     size = _pair(img_size)
     spec = builder(arch, size, stride, **tower_kwargs)
+    if mean is not None or std is not None:
+        spec = TowerSpec(spec.tower, spec.out_dim, tuple(mean or spec.mean), tuple(std or spec.std))
     sie = None
     if num_cams > 0 or num_views > 0:
         sie = CameraViewEmbedding(spec.tower.embed_dim, num_cams, num_views, sie_coef, sie_mode)
     elif sie_mode not in ("all", "cls"):
         raise ValueError(f"sie_mode must be 'all' or 'cls', got {sie_mode!r}")
-    backbone = Backbone(kind, spec, size, sie, arch=arch)
+    backbone = Backbone(kind, spec, size, sie, arch=arch, global_pool=global_pool, distill_token=distill_token)
     if pretrained:
-        load_tower_weights(backbone.tower, pretrained, proj=backbone.proj)
+        load_tower_weights(backbone.tower, pretrained, proj=backbone.proj, sie=backbone.sie)
     return backbone
+
+
+def create_tower(spec, img_size: IntPair, num_cams: int = 0, num_views: int = 0,
+                 load_pretrained: bool = True) -> Backbone:
+    """The tower a :class:`~hybrid_reid.config.TowerConfig` describes (``model.towers.<name>``)."""
+    kwargs = dict(spec.tower_kwargs)
+    if spec.drop_path:
+        kwargs["drop_path"] = spec.drop_path
+    kind = {"auto": "auto", "open_clip": "clip", "timm": "vit"}[spec.source]
+    return create_backbone(kind, arch=spec.arch, pretrained=spec.pretrained if load_pretrained else None,
+                           img_size=img_size, stride=spec.stride, num_cams=num_cams, num_views=num_views,
+                           sie_coef=spec.sie_coef, sie_mode=spec.sie_mode, global_pool=spec.global_pool,
+                           distill_token=spec.distill_token, mean=spec.mean, std=spec.std, **kwargs)

@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -103,25 +104,88 @@ def _strip_prefix(sd: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def to_timm_vit_layout(sd: StateDict) -> Tuple[StateDict, str]:
-    """Bring any supported layout to timm ``VisionTransformer`` keys.
+@dataclass
+class TowerCheckpoint:
+    """A pretrained or peer-trained file brought to a timm tower's keys.
 
-    Returns:
-        (state dict, name of the detected layout). CLIP's projection becomes ``head.weight``
-        ([out_dim, width], ``nn.Linear`` layout).
+    Attributes:
+        state: timm ``VisionTransformer`` / ``Eva`` keys (CLIP's projection as ``head.weight``).
+        layout: the layout detected (``openai-clip``, ``timm``, ``transreid``, ``transreid-jpm``,
+            ``fastreid``, ``clip-reid``, ``mambapro``).
+        camera_table: a trained camera/view embedding found in the file ([rows, D]), or None.
+        unused: keys of the file that are not the tower (heads, other branches, a text tower ...).
+        notes: what was done beyond renaming, for the log.
     """
-    if all(k.startswith("module.") for k in sd):
-        sd = _strip_prefix(sd, "module.")
-    if "visual.class_embedding" in sd:
-        from timm.models.vision_transformer import _convert_openai_clip
 
-        out = _convert_openai_clip(sd, model=None)  # model is unused by timm's converter
-        out.pop("head.bias", None)  # timm adds a zero bias; CLIP's projection has none
-        return out, "openai-clip"
-    for prefix, name in (("base.", "transreid"), ("backbone.", "fastreid")):
+    state: StateDict
+    layout: str
+    camera_table: Optional[torch.Tensor] = None
+    unused: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def _split(sd: StateDict, prefix: str) -> Tuple[StateDict, List[str]]:
+    """``(keys under prefix, stripped; the other keys)``."""
+    inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return inside, [k for k in sd if not k.startswith(prefix)]
+
+
+def _openai_to_timm(sd: StateDict, tower: Optional[nn.Module]) -> StateDict:
+    """OpenAI / open_clip ``visual.*`` keys -> timm ViT keys with timm's public converter
+    (``vision_transformer.checkpoint_filter_fn``, which also resamples the positional embedding to the
+    tower's grid when it is given one)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    if tower is None or getattr(tower, "patch_embed", None) is None:
+        raise CheckpointError("an OpenAI-layout CLIP file needs the tower it is loaded into")
+    out = checkpoint_filter_fn(visual, tower)
+    out.pop("head.bias", None)  # timm adds a zero bias; CLIP's projection has none
+    return out
+
+
+def to_timm_layout(sd: StateDict, tower: Optional[nn.Module] = None) -> TowerCheckpoint:
+    """Bring any supported file to timm tower keys: OpenAI / open_clip CLIP, timm (ViT, DeiT, DINOv2,
+    SigLIP, EVA as timm saves them), TransReID (``base.*``, its trained ``sie_embed`` and, for JPM
+    models, the trained global branch ``b1`` = the last block and norm), fast-reid (``backbone.*``),
+    CLIP-ReID (``image_encoder.*`` + ``cv_embed``) and MambaPro (``BACKBONE.base.*`` +
+    ``BACKBONE.cv_embed``); a ``module.`` (DDP) prefix anywhere in front."""
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if "visual.class_embedding" in sd:
+        return TowerCheckpoint(_openai_to_timm(sd, tower), "openai-clip",
+                               unused=[k for k in sd if not k.startswith("visual.")])
+    if "image_encoder.class_embedding" in sd or "BACKBONE.base.class_embedding" in sd:  # CLIP-ReID / MambaPro (CLIP)
+        clip_reid = "image_encoder.class_embedding" in sd
+        prefix, table_key, layout = (("image_encoder.", "cv_embed", "clip-reid") if clip_reid
+                                     else ("BACKBONE.base.", "BACKBONE.cv_embed", "mambapro"))
+        inside, rest = _split(sd, prefix)
+        state = _openai_to_timm({f"visual.{k}": v for k, v in inside.items()}, tower)
+        unused = [k for k in rest if k != table_key]
+        table = sd.get(table_key)
+        return TowerCheckpoint(state, layout, table, unused)
+    if "BACKBONE.base.pos_embed" in sd:  # MambaPro on the ImageNet ViT
+        inside, rest = _split(sd, "BACKBONE.base.")
+        table = inside.pop("sie_embed", None)
+        return TowerCheckpoint(inside, "mambapro", None if table is None else table.flatten(1), rest)
+    for prefix, layout in (("base.", "transreid"), ("backbone.", "fastreid")):
         if f"{prefix}pos_embed" in sd:
-            return _strip_prefix(sd, prefix), name
-    return sd, "timm-vit"
+            inside, rest = _split(sd, prefix)
+            table = inside.pop("sie_embed", None)
+            ckpt = TowerCheckpoint(inside, layout, None if table is None else table.flatten(1), rest)
+            if any(k.startswith("b1.0.") for k in sd):  # TransReID JPM: b1 = trained copy of the last block + norm
+                last = max(int(k.split(".")[1]) for k in inside if k.startswith("blocks."))
+                for k, v in sd.items():
+                    if k.startswith("b1.0."):
+                        inside[f"blocks.{last}.{k[len('b1.0.'):]}"] = v
+                    elif k.startswith("b1.1."):
+                        inside[f"norm.{k[len('b1.1.'):]}"] = v
+                ckpt.unused = [k for k in rest if not k.startswith("b1.")]
+                ckpt.layout = "transreid-jpm"
+                ckpt.notes.append(f"the JPM model's trained global branch b1 loaded as blocks.{last} and norm "
+                                  f"(base.blocks.{last} / base.norm are its untrained copies in the file)")
+            return ckpt
+    return TowerCheckpoint(dict(sd), "timm")
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], num_prefix: int = 1,
@@ -182,31 +246,74 @@ def load_model_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_tower_weights(tower: nn.Module, path: Union[str, os.PathLike],
-                       proj: Optional[nn.Linear] = None) -> str:
-    """Load a pretrained file into a timm ViT tower (and CLIP's projection ``proj``), strictly.
+def _is_quickgelu(tower: nn.Module) -> Optional[bool]:
+    """Whether the tower's MLPs use QuickGELU (None: not a plain ViT MLP)."""
+    blocks = getattr(tower, "blocks", None)
+    act = getattr(getattr(blocks[0], "mlp", None), "act", None) if blocks is not None and len(blocks) else None
+    return None if act is None else type(act).__name__ == "QuickGELU"
+
+
+def load_tower_weights(tower: nn.Module, path: Union[str, os.PathLike], proj: Optional[nn.Linear] = None,
+                       sie: Optional[nn.Module] = None) -> str:
+    """Load a pretrained or peer-trained file into a timm tower (and CLIP's projection ``proj`` and a
+    camera/view table ``sie``), strictly.
+
+    Traps handled (each tested with a file the test writes in the peer's layout):
+
+    * OpenAI's TorchScript CLIP archive into a GELU tower (arch ``ViT-B-16`` instead of
+      ``ViT-B-16-quickgelu``): refused, naming the right arch; a CLIP state dict, which cannot tell
+      OpenAI from LAION weights, gets a warning instead.
+    * TransReID / CLIP-ReID / MambaPro trained camera tables load into ``sie`` when the shape fits
+      (logged either way); TransReID JPM files load their trained ``b1`` branch as the last block
+      and norm, not the untrained copy.
+    * DeiT distilled files into a tower without a distillation token: refused, naming the token.
+    * Keys that are not the tower (heads, text tower, other branches) are listed in one log line.
 
     Args:
-        tower: timm ``VisionTransformer`` built with ``num_classes=0``.
+        tower: timm tower built with ``num_classes=0``.
         path: local checkpoint (any format of :func:`read_state_dict`).
         proj: the CLIP projection; required iff the checkpoint is a CLIP one.
+        sie: the tower's camera/view embedding, or None.
 
     Returns:
         The detected layout name.
 
     Raises:
-        CheckpointError: naming the path and the first missing / unexpected / mis-shaped keys.
+        CheckpointError: naming the path and the cause, or the first missing / unexpected /
+            mis-shaped keys.
     """
     path = os.fspath(path)
-    sd, layout = to_timm_vit_layout(read_state_dict(path))
+    ckpt = to_timm_layout(read_state_dict(path), tower)
+    sd, layout = ckpt.state, ckpt.layout
+    quick = _is_quickgelu(tower)
+    if layout in ("openai-clip", "clip-reid", "mambapro") and quick is False:
+        if _is_torchscript(path):
+            raise CheckpointError(f"{path} is OpenAI's TorchScript CLIP archive, trained with QuickGELU, but the tower "
+                                  "uses nn.GELU (features would be silently off); use the arch's -quickgelu name, "
+                                  "e.g. ViT-B-16-quickgelu")
+        _logger.warning("%s holds CLIP weights (%s layout) and the tower uses nn.GELU: right for LAION / open_clip "
+                        "weights; OpenAI's weights and models trained from them (CLIP-ReID, MambaPro, ...) need "
+                        "the -quickgelu arch, e.g. ViT-B-16-quickgelu", path, layout)
+    if "dist_token" in sd and getattr(tower, "dist_token", None) is None:
+        raise CheckpointError(f"{path} is a distilled DeiT (it has a dist_token and 2 prefix positions in pos_embed); "
+                              "this tower has no distillation token: use the distilled arch, e.g. "
+                              "deit_base_distilled_patch16_224")
     head_w = sd.pop("head.weight", None)
-    for k in [k for k in sd if k.startswith(("head.", "fc.", "pre_logits.", "classifier.", "bottleneck."))
-              or k in ("sie_embed", "cv_embed")]:
-        sd.pop(k)  # classifier heads and the peers' own camera tables are not part of the tower
+    heads = ("head.", "head_dist.", "fc.", "pre_logits.", "classifier.", "bottleneck.")
+    dropped = [k for k in sd if k.startswith(heads)
+               or k in ("sie_embed", "cv_embed")]
+    for k in dropped:
+        sd.pop(k)  # classifier heads and stray camera tables are not part of the tower
     if "pos_embed" in sd and getattr(tower, "pos_embed", None) is not None:
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], tuple(tower.patch_embed.grid_size),
-                                           getattr(tower, "num_prefix_tokens", 1), source=path)
-    problems = state_dict_problems(tower.state_dict(), sd)
+        prefix = 0 if getattr(tower, "no_embed_class", False) else getattr(tower, "num_prefix_tokens", 1)
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], tuple(tower.patch_embed.grid_size), prefix, source=path)
+    own = tower.state_dict()
+    if layout not in ("openai-clip", "timm"):  # a whole trained model: what is not the tower is left unused
+        extra = [k for k in sd if k not in own]
+        for k in extra:  # e.g. MambaPro's per-block prompts and adapters
+            sd.pop(k)
+        ckpt.unused += extra
+    problems = state_dict_problems(own, sd)
     if proj is not None and head_w is None:
         problems.append("missing the CLIP projection (visual.proj)")
     if proj is not None and head_w is not None and head_w.shape != proj.weight.shape:
@@ -218,5 +325,31 @@ def load_tower_weights(tower: nn.Module, path: Union[str, os.PathLike],
     if proj is not None:
         with torch.no_grad():
             proj.weight.copy_(head_w)
+    _load_camera_table(ckpt, sie, path)
+    for note in ckpt.notes:
+        _logger.info("%s: %s", path, note)
+    unused = sorted(set(ckpt.unused + dropped))
+    if unused:
+        shown = ", ".join(unused[:12]) + (f" ... ({len(unused)} in all)" if len(unused) > 12 else "")
+        _logger.info("%s: %d key(s) that are not the tower were left unused: %s", path, len(unused), shown)
     _logger.info("loaded %s (%s layout)", path, layout)
     return layout
+
+
+def _load_camera_table(ckpt: TowerCheckpoint, sie: Optional[nn.Module], path: str) -> None:
+    """A trained camera/view table into the tower's embedding when its shape fits; logged either way."""
+    table = ckpt.camera_table
+    if table is None:
+        return
+    if sie is None:
+        _logger.info("%s: its trained camera table %s is not used (this tower has no camera embedding; set "
+                     "model.num_cams > 0 to use it)", path, tuple(table.shape))
+        return
+    if tuple(table.shape) != tuple(sie.table.shape):
+        _logger.warning("%s: its trained camera table %s does not fit this model's %s (a different number of "
+                        "cameras/views or width); the camera embedding starts random", path, tuple(table.shape),
+                        tuple(sie.table.shape))
+        return
+    with torch.no_grad():
+        sie.table.copy_(table)
+    _logger.info("%s: loaded its trained camera table %s (%s layout)", path, tuple(table.shape), ckpt.layout)

@@ -33,8 +33,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-LORA_TARGETS = r"attn\.(qkv|proj)|mlp\.(fc1|fc2)"
-
 
 class ModalityPatchEmbed(nn.Module):
     """Per-modality copies of a timm ``PatchEmbed``; which one runs is set by ``active``.
@@ -42,12 +40,13 @@ class ModalityPatchEmbed(nn.Module):
     Args:
         base: the tower's patch embedding (already holding pretrained weights).
         channels: ``{modality: 1 or 3}`` input channels of each tokenizer.
-        perturb_std: std of the Gaussian noise added to non-RGB tokenizers' kernels.
+        perturb_std: std of the Gaussian noise added to the kernels of every tokenizer but the anchor's.
         generator: RNG for the perturbation (reproducible builds).
+        anchor: the modality whose tokenizer stays an exact copy (``data.anchor_modality``).
     """
 
     def __init__(self, base: nn.Module, channels: Dict[str, int], perturb_std: float = 0.02,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, anchor: str = "rgb") -> None:
         super().__init__()
         self.embeds = nn.ModuleDict()
         self.adapters = nn.ModuleDict()  # 1 -> 3 channel 1x1 convolutions (for 3-channel tokenizers)
@@ -63,7 +62,7 @@ class ModalityPatchEmbed(nn.Module):
                     e.proj.weight.copy_(old.weight.sum(1, keepdim=True))
                     if old.bias is not None:
                         e.proj.bias.copy_(old.bias)
-                if m != "rgb" and perturb_std > 0:
+                if m != anchor and perturb_std > 0:
                     noise = torch.randn(e.proj.weight.shape, generator=generator) * perturb_std
                     e.proj.weight.add_(noise.to(e.proj.weight))
             self.embeds[m] = e
@@ -159,8 +158,11 @@ class ModalityExperts:
     ``...lora_A.<m>`` / ``lora_B.<m>``), so they are saved, loaded and optimised with it.
     """
 
-    def __init__(self, tower: nn.Module) -> None:
+    def __init__(self, tower: nn.Module, family=None) -> None:
+        from .families import family_of
+
         self.tower = tower
+        self.family = family or family_of(tower)
         self.tokenizer: Optional[ModalityPatchEmbed] = None
         self.lora_modalities: List[str] = []
         self._lora_layers: List[ModalityLoRALinear] = []
@@ -171,15 +173,17 @@ class ModalityExperts:
         return self.tokenizer is not None or bool(self.lora_modalities)
 
     # ------------------------------------------------------------------------------------ install
-    def add_tokenizers(self, channels: Dict[str, int], perturb_std: float = 0.02, seed: int = 0) -> None:
+    def add_tokenizers(self, channels: Dict[str, int], perturb_std: float = 0.02, seed: int = 0,
+                       anchor: str = "rgb") -> None:
         g = torch.Generator().manual_seed(seed)
-        self.tokenizer = ModalityPatchEmbed(self.tower.patch_embed, channels, perturb_std, g)
+        self.tokenizer = ModalityPatchEmbed(self.tower.patch_embed, channels, perturb_std, g, anchor)
         self.tower.patch_embed = self.tokenizer
 
     def add_lora(self, modalities: Sequence[str], rank: int = 4, alpha: float = 1.0,
                  blocks: Optional[Sequence[int]] = None, dropout: float = 0.0) -> None:
-        """One LoRA expert per modality on ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of
-        ``blocks`` (default all); the patch embedding is never touched."""
+        """One LoRA expert per modality on the family's block layers (ViT: ``attn.qkv``, ``attn.proj``,
+        ``mlp.fc1``, ``mlp.fc2``; EVA also its q/k/v and SwiGLU projections) of ``blocks`` (default
+        all); the patch embedding is never touched."""
         import re
 
         n_blocks = len(self.tower.blocks)
@@ -187,10 +191,12 @@ class ModalityExperts:
         bad = [b for b in chosen if not 0 <= b < n_blocks]
         if bad or not chosen:
             raise ValueError(f"model.mer.blocks: {list(blocks or [])} are not blocks of a {n_blocks}-block tower")
-        pattern = re.compile(rf"blocks\.({'|'.join(str(b) for b in chosen)})\.({LORA_TARGETS})$")
+        targets_re = self.family.lora_targets
+        pattern = re.compile(rf"blocks\.({'|'.join(str(b) for b in chosen)})\.({targets_re})$")
         targets = [(n, m) for n, m in self.tower.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)]
         if not targets:
-            raise ValueError(f"no LoRA target layers ({LORA_TARGETS}) in blocks {chosen} of this tower")
+            raise ValueError(f"no LoRA target layers ({targets_re}) in blocks {chosen} of this tower")
+        self.family.prepare_lora(self.tower)
         for name, layer in targets:
             parent_name, attr = name.rsplit(".", 1)
             lora = ModalityLoRALinear(layer, modalities, rank, alpha, dropout)

@@ -2,10 +2,10 @@
 
     images {modality: [B,3,H,W]}, cam_ids, view_ids
     per modality m (the same encoder, shared weights):
-      -> per tower t in {clip, vit}:  Backbone_t -> cls_t [B,D_t], patches_t [B,N_t,D_t]
+      -> per tower t (model.towers): Backbone_t -> cls_t [B,D_t], patches_t [B,N_t,D_t]
                                       cls_t += MultiScale_t(patches_t, grid_t)        (optional)
                                       f_t = Projector_t(cls_t)  [B,F]                 (shared space)
-      -> fusion({f_t}, {Projector_t(patches_t)}) [B,F]                                 (hybrid only)
+      -> fusion({f_t}, {Projector_t(patches_t)}) [B,F]                        (two or more towers)
     -> modality fusion({f_m}) [B,F'] (concat: F' = M*F; mean: F' = F)
     -> BNNeck [B,F'] -> ID classifier [B,num_classes]                                  (optional)
 
@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .backbone import Backbone, BackboneOutput, create_backbone
+from ..modalities import get as get_modality
+from ..modalities import image_modalities, is_text
+from .backbone import Backbone, BackboneOutput, create_tower
 from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
 from .multi_scale import MultiScaleExtractor
 from .sdm import SemanticDisentanglement
 from .text import TextEncoder
-
-NON_IMAGE_MODALITIES = ("text",)
 
 
 @dataclass
@@ -191,13 +191,16 @@ class ReIDModel(nn.Module):
         clip_teacher: a frozen CLIP backbone, the CLIP consistency loss's target, or None.
         text_encoder: the CLIP text tower for the ``text`` modality, or None.
         feat_dim: F (default: the encoder's).
+        anchor: the modality the CLIP consistency target is computed from (``data.anchor_modality``).
     """
 
     def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
                  sdm: Optional[SemanticDisentanglement] = None, clip_teacher: Optional[Backbone] = None,
-                 text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None) -> None:
+                 text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None,
+                 anchor: str = "rgb") -> None:
         super().__init__()
         self.encoder = encoder
+        self.anchor = anchor
         self.text_encoder = text_encoder
         self.text_projector: Optional[nn.Module] = None
         if text_encoder is not None:
@@ -208,7 +211,7 @@ class ReIDModel(nn.Module):
         self.modality_fusion = modality_fusion
         self.sdm = sdm
         # The consistency target: a frozen CLIP image tower, kept out of the module tree (not in the
-        # state dict, the optimizer or DDP; it is rebuilt from model.clip.pretrained) and moved lazily.
+        # state dict, the optimizer or DDP; it is rebuilt from model.clip_consistency.teacher) and moved lazily.
         self.consistency_head: Optional[nn.Module] = None
         object.__setattr__(self, "_clip_teacher", clip_teacher)
         if clip_teacher is not None:
@@ -232,21 +235,22 @@ class ReIDModel(nn.Module):
             if len(self.modalities) != 1:
                 raise ValueError(f"the model has modalities {self.modalities}; pass images as a dict keyed by them")
             images = {self.modalities[0]: images}
-        text = images.get("text")
-        image_inputs = {m: x for m, x in images.items() if m != "text"}
+        text_mod = next((m for m in images if is_text(m)), None)
+        text = images.get(text_mod) if text_mod is not None else None
+        image_inputs = {m: x for m, x in images.items() if not is_text(m)}
         enc = self._encode(image_inputs, cam_ids, view_ids) if image_inputs else {}
         feats = {m: e.feat for m, e in enc.items()}
         if text is not None:
             if self.text_encoder is None:
                 raise ValueError("text given, but the model was built without the text modality (data.modalities)")
-            feats["text"] = self.text_projector(self.text_encoder(text))
+            feats[text_mod] = self.text_projector(self.text_encoder(text))
         feats = {m: feats[m] for m in images}  # the caller's order
         feat = self.modality_fusion(feats)
         bn, logits = self.head(feat)
         semantic = self.sdm(feats) if self.sdm is not None else None
         clip_global = consistency_feat = None
-        if self._clip_teacher is not None and self.training and "rgb" in images:
-            clip_global = self._teacher_feature(images["rgb"])
+        if self._clip_teacher is not None and self.training and self.anchor in images:
+            clip_global = self._teacher_feature(images[self.anchor])
             consistency_feat = self.consistency_head(torch.stack(list(feats.values())).mean(0))
         return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
                           semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat)
@@ -323,40 +327,36 @@ def param_group_of(name: str) -> str:
     return "other"
 
 
-def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequence[str] = ("rgb",)) -> ReIDModel:
+def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequence[str] = ("rgb",),
+                anchor: str = "rgb") -> ReIDModel:
     """Build the model a :class:`ModelConfig` describes.
 
     Args:
         cfg: the ``model`` section.
         load_pretrained: False builds the architecture only (``run.py info``; no weight files needed).
         modalities: the input modalities (``data.modalities``), in the order the fusion uses.
+        anchor: ``data.anchor_modality``: its tokenizer is the unperturbed copy and its images feed the
+            CLIP consistency target.
     """
     backbones: Dict[str, Backbone] = {}
-    for t in cfg.towers:
-        tc = getattr(cfg, t)
-        kwargs = dict(tc.tower_kwargs)
-        if tc.drop_path:
-            kwargs["drop_path"] = tc.drop_path
+    for t, spec in cfg.towers.items():
         try:
-            backbones[t] = create_backbone(
-                t, arch=tc.arch, pretrained=tc.pretrained if load_pretrained else None, img_size=cfg.img_size,
-                stride=tc.stride, num_cams=cfg.num_cams, num_views=cfg.num_views, sie_coef=tc.sie_coef,
-                sie_mode=tc.sie_mode, **kwargs)
+            backbones[t] = create_tower(spec, cfg.img_size, cfg.num_cams, cfg.num_views, load_pretrained)
         except (ValueError, CheckpointError) as e:
-            raise type(e)(f"model.{t}: {e}") from None
-    image_modalities = [m for m in modalities if m not in NON_IMAGE_MODALITIES]
+            raise type(e)(f"model.towers.{t}: {e}") from None
+    image_mods = image_modalities(modalities)
     for t, b in backbones.items():  # after the pretrained weights: experts start from them
         if cfg.freeze_backbone:
             for p in b.tower.parameters():
                 p.requires_grad_(False)
         if cfg.tokenizers.enabled:
-            channels = {m: cfg.tokenizers.channels.get(m, 3) for m in image_modalities}
-            b.experts.add_tokenizers(channels, cfg.tokenizers.perturb_std, seed=cfg.tokenizers.seed)
+            channels = {m: cfg.tokenizers.channels.get(m, get_modality(m).channels) for m in image_mods}
+            b.experts.add_tokenizers(channels, cfg.tokenizers.perturb_std, seed=cfg.tokenizers.seed, anchor=anchor)
         if cfg.mer.enabled:
             try:
-                b.experts.add_lora(image_modalities, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
+                b.experts.add_lora(image_mods, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
             except ValueError as e:
-                raise ValueError(f"model.{t}: {e}") from None
+                raise ValueError(f"model.towers.{t}: {e}") from None
     ms = cfg.multi_scale
     multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
                    for t, b in backbones.items()} if ms.enabled else None
@@ -375,7 +375,7 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         raise ValueError(f"model.modality_fusion: {e.args[0]}") from None
     sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
     text = None
-    if "text" in modalities:
+    if any(is_text(m) for m in modalities):
         tc = cfg.text
         try:
             text = TextEncoder(tc.arch, tc.pretrained if load_pretrained else None, tc.context_length,
@@ -385,15 +385,13 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         if cfg.freeze_backbone:
             text.requires_grad_(False)
     teacher = None
-    if cfg.clip_consistency.weight > 0:  # a frozen CLIP beside any backbone (the same file as model.clip)
-        tc = cfg.clip
+    if cfg.clip_consistency.weight > 0:  # a frozen CLIP beside any towers
         try:
-            teacher = create_backbone("clip", arch=tc.arch, pretrained=tc.pretrained if load_pretrained else None,
-                                      img_size=cfg.img_size, stride=tc.stride, **tc.tower_kwargs)
+            teacher = create_tower(cfg.clip_consistency.teacher, cfg.img_size, load_pretrained=load_pretrained)
         except (ValueError, CheckpointError) as e:
-            raise type(e)(f"model.clip_consistency (its frozen CLIP is built from model.clip): {e}") from None
+            raise type(e)(f"model.clip_consistency.teacher: {e}") from None
     return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
-                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim)
+                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim, anchor=anchor)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:

@@ -3,15 +3,18 @@ tests/test_reproducibility.py in one process and under ``torchrun --nproc_per_no
 
     python tests/scripts/first_step_grads.py OUT.pt DATA_ROOT
 """
+import os
 import sys
 
 import torch
 from accelerate import Accelerator
 
-from hybrid_reid import build_model, load_config
-from hybrid_reid.data import build_train_loader, load_data
-from hybrid_reid.engine.train import _prepare_model, _transform, resolve_config
-from hybrid_reid.losses import build_criterion
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # this checkout
+
+from hybrid_reid import build_model, load_config  # noqa: E402
+from hybrid_reid.data import build_train_loader, load_data  # noqa: E402
+from hybrid_reid.engine.train import _prepare_model, _transform, resolve_config  # noqa: E402
+from hybrid_reid.losses import build_criterion  # noqa: E402
 
 out_path, root = sys.argv[1], sys.argv[2]
 cfg = load_config("configs/quickstart.yaml", [
