@@ -462,6 +462,78 @@ def bench_mer(batch: int = 4, reps: int = 5, warmup: int = 1, tiny: bool = False
                                                    for k, m in models.items()}}}}
 
 
+@BENCHMARKS.register("mamba")
+def bench_mamba(batch: int = 4, reps: int = 5, warmup: int = 1, tiny: bool = False, device: str = "cpu") -> Dict:
+    """MambaPro's aggregation: the plain-PyTorch selective scan against mamba-ssm's CUDA kernel, and
+    what the aggregation adds to a training step.
+
+    * ``scan``: one selective scan, forward + backward, at the size of MambaPro's inter-modality
+      scan (Di = 2F channels, L = 3 x 128 tokens, state 16; ``tiny``: F = 64, L = 3 x 8), the plain
+      path (``kernel=torch``) against the kernel (``kernel=cuda``, only where mamba-ssm is importable
+      on a GPU): max abs difference of the output and of the input gradient (goal <= 1e-4) and the
+      time ratio.
+    * ``step``: a MambaPro training step (CLIP tower frozen, prompts + adapters, ``mamba`` fusion,
+      plain scan) against the same model with the ``concat`` fusion: the aggregation's share.
+    """
+    from .models.mamba import _cuda_scan, selective_scan
+
+    dev = torch.device(device)
+    modalities = ("rgb", "nir", "tir")
+    width = 64 if tiny else 512
+    length = 3 * (8 if tiny else 128)
+    di, n = 2 * width, 16
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev)
+
+    u = rand(batch, di, length).requires_grad_()
+    delta, Bm, Cm = rand(batch, di, length, scale=0.1), rand(batch, n, length), rand(batch, n, length)
+    A = -torch.exp(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1)).to(dev)
+    D, bias = torch.ones(di, device=dev), torch.zeros(di, device=dev)
+    have_kernel = dev.type == "cuda" and _cuda_scan() is not None
+
+    def scan(kernel):
+        def fn():
+            u.grad = None
+            y = selective_scan(u, delta, A, Bm, Cm, D, delta_bias=bias, delta_softplus=True, kernel=kernel)
+            y.square().sum().backward()
+            return y.detach(), u.grad.detach()
+        return fn
+
+    fns = {"scan_torch": scan("torch")}
+    diffs: Dict[str, float] = {}
+    if have_kernel:
+        fns["scan_cuda"] = scan("cuda")
+        (y0, g0), (y1, g1) = fns["scan_torch"](), fns["scan_cuda"]()
+        diffs["scan output (cuda kernel vs plain)"] = float((y1 - y0).abs().max())
+        diffs["scan input gradient (cuda kernel vs plain)"] = float((g1 - g0).abs().max())
+    pairs = [("scan_torch", "scan_cuda")] if have_kernel else [("scan_torch", "scan_torch")]
+    scan_result = compare_pairs(fns, pairs, reps, warmup, dev)
+    base = {"backbone": "clip", "freeze_backbone": True, "multi_scale": {"enabled": False},
+            "prompts": {"enabled": True}, "adapters": {"enabled": True}}
+    step_fns, params = {}, {}
+    for fusion in ("mamba", "concat"):
+        kwargs = {"modality_fusion_kwargs": {"kernel": "torch"}} if fusion == "mamba" else {}
+        cfg = bench_config({**base, "modality_fusion": fusion, **kwargs}, tiny, modalities, batch)
+        model, step = build_step(cfg, batch // 2, dev)
+        data = fake_batch(cfg, dev)
+        step_fns[fusion] = lambda step=step, b=data: step(b)
+        params[f"trainable_m ({fusion})"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        if fusion == "mamba":
+            params["aggregation_m"] = sum(p.numel() for p in model.modality_fusion.parameters()) / 1e6
+    steps = compare_pairs(step_fns, [("mamba", "concat")], reps, warmup, dev)
+    return {"name": "mamba", "goal": "mamba-ssm's kernel equal to the plain scan within 1e-4; the aggregation's "
+                                     "share of a MambaPro step",
+            "method": PAIR_METHOD, "setting": {**_setting(tiny, batch, modalities, reps, warmup),
+                                               "scan": f"Di={di}, L={length}, state={n}, forward + backward",
+                                               "kernel": "mamba-ssm" if have_kernel else
+                                               "not available here (needs mamba-ssm on a CUDA device): plain "
+                                               "path only, the A/A row is the noise control"},
+            "environment": environment(dev), **_merge(scan_result, steps), "max_abs_diff": diffs,
+            "figures": {"params": params}}
+
+
 @BENCHMARKS.register("data")
 def bench_data(batch: int = 32, reps: int = 3, warmup: int = 1, tiny: bool = False, device: str = "cpu",
                workers: Sequence[int] = (0, 2)) -> Dict:

@@ -105,6 +105,26 @@ def cmd_convert_weights(args: argparse.Namespace) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"convert-weights writes safetensors: name the output *.safetensors, not {args.out}")
     sd = read_state_dict(args.input)  # TorchScript via torch.jit.load; pickles weights-only
+    if args.from_:
+        from .methods import LAYOUTS
+
+        try:
+            layout = LAYOUTS.get(args.from_)
+        except KeyError as e:
+            raise ValueError(f"--from: {e.args[0]}") from None
+        plain = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        if not layout.detect(plain):
+            raise ValueError(f"{args.input} is not a {args.from_} checkpoint ({layout.description}); its first keys: "
+                             f"{list(sd)[:5]}")
+        converted = layout.convert(plain)
+        with atomic_path(args.out) as tmp:
+            save_file({k: v.contiguous() for k, v in converted.state.items()}, tmp)
+        print(f"wrote {args.out}: {len(converted.state)} tensors in this project's layout from {args.from_}'s "
+              f"{args.input}; {len(converted.unused)} of its keys have no place here"
+              + (f" ({', '.join(converted.unused[:6])}{' ...' if len(converted.unused) > 6 else ''})"
+                 if converted.unused else "")
+              + f". Evaluate it with run.py eval --config configs/methods/{args.from_}.yaml --checkpoint {args.out}")
+        return 0
     with atomic_path(args.out) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
     size = sum(v.numel() * v.element_size() for v in sd.values())
@@ -275,12 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hybrid")
     info.set_defaults(func=cmd_info)
 
-    cw = sub.add_parser("convert-weights", help="a pretrained file (OpenAI TorchScript, torch pickle) -> safetensors")
+    cw = sub.add_parser("convert-weights", help="a pretrained file (OpenAI TorchScript, torch pickle), or a model "
+                                                "trained with a published method's code, -> safetensors")
+    cw.add_argument("--from", dest="from_", default=None, metavar="METHOD",
+                    help="the input is a model saved by that method's own code (mambapro, ...): rename it into "
+                         "this project's layout")
     cw.add_argument("input", help="e.g. weights/ViT-B-16.pt (OpenAI's TorchScript archive)")
     cw.add_argument("out", help="e.g. weights/ViT-B-16.safetensors")
     cw.set_defaults(func=cmd_convert_weights)
     bench = sub.add_parser("bench", help="benchmarks; results under experiments/benchmarks/")
-    bench.add_argument("name", choices=["eval", "backbone", "hybrid", "mer", "data", "gpu", "all"],
+    bench.add_argument("name", choices=["eval", "backbone", "hybrid", "mer", "data", "mamba", "gpu", "all"],
                        help="all = every benchmark but gpu (which needs a GPU, or --device cpu --tiny)")
     bench.add_argument("--out", default="experiments/benchmarks", help="output folder ('' = do not write)")
     bench.add_argument("--batch", type=int, default=None,

@@ -152,6 +152,7 @@ def test_bench_eval_compares_with_the_reference_loop_and_runs_the_msmt17_size(tm
     ("mer", {"lora_tok / frozen_tok", "lora / frozen", "full / frozen", "merged / plain",
              "plain / plain (A/A control)", "unmerged / plain"}, "params"),
     ("data", set(), "loader_images_per_s"),
+    ("mamba", {"scan_torch / scan_torch (A/A control)", "mamba / concat"}, "params"),
 ])
 def test_bench_model_benchmarks_tiny(tmp_path, name, ratios, figure):
     r = run_cli("bench", name, "--tiny", "--reps", "2", "--warmup", "1", "--out", str(tmp_path))
@@ -163,6 +164,13 @@ def test_bench_model_benchmarks_tiny(tmp_path, name, ratios, figure):
         assert res["max_abs_diff"]["merged vs unmerged LoRA (bn_feat)"] < 1e-4
         t = res["figures"]["params"]["trainable_m"]
         assert t["frozen"] < t["lora"] < t["full"] and res["figures"]["params"]["lora_m"] > 0
+    if name == "mamba":  # without mamba-ssm on a GPU only the plain scan runs, and nothing is compared
+        p = res["figures"]["params"]
+        assert p["trainable_m (mamba)"] - p["trainable_m (concat)"] >= p["aggregation_m"] > 0
+        if "not available here" in res["setting"]["kernel"]:
+            assert res["max_abs_diff"] == {}
+        else:  # mamba-ssm on a GPU: the kernel agrees with the plain scan
+            assert all(v <= 1e-4 for v in res["max_abs_diff"].values())
     if name == "data":
         assert all(v > 0 for v in res["figures"]["loader_images_per_s"].values())
     assert (tmp_path / f"{name}.md").read_text().startswith(f"# Benchmark: {name}")

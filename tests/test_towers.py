@@ -75,7 +75,7 @@ def test_every_tiny_suite_variant_builds_the_model_it_built_before():
         before = json.load(f)
     checked = 0
     for name, path, overrides in fp.configs():
-        if "-tiny.yaml:" in name:
+        if "-tiny.yaml:" in name and name in before:  # suites added since have nothing to compare with
             assert fp.fingerprint(path, overrides) == before[name], name
             checked += 1
     assert checked >= 20

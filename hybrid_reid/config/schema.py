@@ -103,6 +103,34 @@ class MERConfig:
 
 
 @dataclass
+class PromptConfig:
+    """MambaPro's synergistic residual prompts in every block of every tower (routed by modality).
+
+    Attributes:
+        enabled: add them. length: prompt tokens per modality and block (MambaPro: 4).
+    """
+
+    enabled: bool = False
+    length: int = 4
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"model.prompts.length must be >= 1, got {self.length}")
+
+
+@dataclass
+class AdapterConfig:
+    """MambaPro's parallel feed-forward adapters in every block of every tower.
+
+    Attributes:
+        enabled: add them. ratio: hidden width / tower width (MambaPro: 2).
+    """
+
+    enabled: bool = False
+    ratio: float = 2.0
+
+
+@dataclass
 class TextConfig:
     """The CLIP text tower used for the ``text`` modality (built only when ``data.modalities`` has it).
 
@@ -190,19 +218,25 @@ class ModelConfig:
             every token, drop_path 0.1).
         fusion: registered tower fusion used by a hybrid (``concat``, ``sum``, ``gated``, ``cross_attn``).
         fusion_kwargs: extra constructor arguments of the fusion (e.g. ``heads`` for cross_attn).
-        modality_fusion: how the per-modality features are combined (``concat``: [B, M*F] as
-            TOP-ReID / MambaPro; ``mean``: [B, F]).
+        modality_fusion: how the modalities are combined (a registered modality fusion: ``concat``:
+            [B, M*F] as TOP-ReID / MambaPro; ``mean``: [B, F]; ``mamba``: MambaPro's aggregation of
+            the modalities' tokens, ...), with ``modality_fusion_kwargs``.
         feat_dim: the shared feature space F every tower is projected into.
         reuse_clip_proj: use CLIP's own 512-d projection as its projector when ``feat_dim`` matches.
+        projector: ``linear`` (a learned map of each tower into F) or ``identity`` (the tower's own
+            width is F, as the peers' ImageNet-ViT models use the raw class token).
         img_size: network input (height, width).
         num_cams, num_views: rows of the camera/view embedding (0 = off). ``run.py train``/``eval``
             replace a positive value by the data set's count.
         num_classes: identities of the ID classifier (0 = no classifier); ``train``/``eval`` set it
             from the training split.
-        freeze_backbone: freeze the towers' pretrained weights (with ``mer.enabled``: LoRA-only
-            training; tokenizers, SIE, projectors and heads still train).
+        freeze_backbone: freeze the towers' pretrained weights, CLIP's own projection included (with
+            ``mer.enabled``: LoRA-only training; tokenizers, prompts, adapters, SIE, learned projectors
+            and heads still train).
         tokenizers: per-modality patch embeddings (:class:`TokenizerConfig`).
         mer: per-modality LoRA experts (:class:`MERConfig`).
+        prompts, adapters: MambaPro's per-block modality prompts and parallel adapters in the towers
+            (:class:`PromptConfig`, :class:`AdapterConfig`).
         sdm: semantic disentanglement module (:class:`SDMConfig`).
         text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
         clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`) against a frozen
@@ -216,8 +250,10 @@ class ModelConfig:
     fusion: str = "concat"
     fusion_kwargs: Dict[str, Any] = field(default_factory=dict)
     modality_fusion: str = "concat"
+    modality_fusion_kwargs: Dict[str, Any] = field(default_factory=dict)
     feat_dim: int = 512
     reuse_clip_proj: bool = True
+    projector: Literal["linear", "identity"] = "linear"
     img_size: Tuple[int, int] = (256, 128)
     num_cams: int = 0
     num_views: int = 0
@@ -228,6 +264,8 @@ class ModelConfig:
     freeze_backbone: bool = False
     tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
     mer: MERConfig = field(default_factory=MERConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
     sdm: SDMConfig = field(default_factory=SDMConfig)
     text: TextConfig = field(default_factory=TextConfig)
     clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
@@ -319,9 +357,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a learning rate per parameter group.
+    """AdamW (or Adam) with a learning rate per parameter group.
 
     Attributes:
+        name: ``adamw`` (decoupled weight decay) or ``adam`` (L2 weight decay in the gradient, as the
+            TransReID-lineage code uses: MambaPro, TOP-ReID, DeMo, IDEA ...).
+        bias_lr_factor: biases train at this multiple of their group's rate (the peers' 2.0).
         lr: learning rate of every group not listed in ``group_lr`` (seed 003: 5e-5).
         group_lr: ``{group: lr}`` (default: the pretrained ``backbone`` at 1e-5). Groups:
             ``backbone``, ``lora``, ``tokenizers``, ``projections``, ``head``, ``other``
@@ -331,8 +372,10 @@ class OptimConfig:
         betas: AdamW betas.
     """
 
+    name: Literal["adamw", "adam"] = "adamw"
     lr: float = 5e-5
     group_lr: Dict[str, float] = field(default_factory=lambda: {"backbone": 1e-5})
+    bias_lr_factor: float = 1.0
     weight_decay: float = 1e-4
     betas: Tuple[float, float] = (0.9, 0.999)
 

@@ -149,7 +149,7 @@ class Evaluator:
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Config, data: ReIDData, transform: PairedTransform,
-                 tokenize=None) -> None:
+                 tokenize=None, handles_missing: bool = True) -> None:
         self.accelerator, self.cfg, self.data = accelerator, cfg, data
         self.transform, self.tokenize = transform, tokenize
         self.anchor = canonical_modality(cfg.data.anchor_modality)
@@ -159,6 +159,13 @@ class Evaluator:
             raise ValueError(f"eval.protocol: {e.args[0]}") from None
         self.protocol.check(cfg, data)
         self.qm, self.gm = eval_modalities(cfg, data)
+        partial = [f"eval.protocol={cfg.eval.protocol}"] if self.protocol.partial_inputs else []
+        partial += [f"eval.{k}={m}" for k, m in (("query_modalities", self.qm), ("gallery_modalities", self.gm))
+                    if m is not None and m != data.modalities]
+        if partial and not handles_missing:
+            raise ValueError(f"model.modality_fusion={cfg.model.modality_fusion} needs every modality "
+                             f"{data.modalities}, but {', '.join(partial)} ranks features of fewer; use a modality "
+                             "fusion that handles absent modalities (concat, mean) for it")
         self._loaders: Dict[str, object] = {}
         self.features: Dict[str, FeatureSet] = {}
         self.ranked: Dict[str, Tuple[str, str]] = {}
@@ -215,6 +222,8 @@ class Protocol:
     match is filtered on (the camera here)."""
 
     name = "market"
+    #: ranks features of modality subsets (a fusion that needs every modality cannot run it)
+    partial_inputs = False
 
     @classmethod
     def check(cls, cfg: Config, data: ReIDData) -> None:
@@ -266,6 +275,7 @@ class MissingProtocol(Protocol):
     normalisation as DeMo does), and their average, under ``"missing"``."""
 
     name = "missing"
+    partial_inputs = True
 
     def run(self, ev: "Evaluator", model) -> Dict[str, object]:
         result = super().run(ev, model)
@@ -291,6 +301,7 @@ class ORBenchProtocol(Protocol):
     benchmark's headline) and the mean over sets, under ``"orbench"``."""
 
     name = "orbench"
+    partial_inputs = True
 
     @classmethod
     def check(cls, cfg: Config, data: ReIDData) -> None:

@@ -73,7 +73,7 @@ def extract_folder(cfg: Config, checkpoint: str, images: str, out: str, modality
                         "was not trained with")
     accelerator = Accelerator(cpu=_cpu_only())
     model = build_model(cfg.model, load_pretrained=False, modalities=model_mods, anchor=cfg.data.anchor_modality)
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, checkpoint, inference=True)
     loader = build_test_loader(samples, mods, _transform(cfg, model, train=False), cfg.data.test_batch_size,
                                cfg.data.num_workers, tokenize=_tokenizer(model))
     model, loader = accelerator.prepare(model, loader)

@@ -75,22 +75,29 @@ def resolve_config(cfg: Config, data: ReIDData) -> Config:
     return dataclasses.replace(cfg, model=model, data=data_cfg)
 
 
-def build_optimizer(model: ReIDModel, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over the model's named parameter groups; no weight decay on 1-d parameters and embeddings.
+def build_optimizer(model: ReIDModel, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (``optim.name``: or Adam) over the model's named parameter groups; no weight decay on 1-d
+    parameters and embeddings; biases at ``optim.bias_lr_factor`` x their group's rate.
 
-    ``fused``: torch's fused AdamW kernel (one launch for all parameters; the engine asks for it on CUDA)."""
+    ``fused``: torch's fused kernel (one launch for all parameters; the engine asks for it on CUDA)."""
     groups = model.param_groups()
     lrs = group_learning_rates(list(groups), cfg.lr, cfg.group_lr)
     param_groups = []
     for name, params in groups.items():
         decays = [p.ndim > 1 and not n.endswith(NO_DECAY_SUFFIXES) for n, p in params]
-        decay = [p for (_, p), d in zip(params, decays) if d]
-        no_decay = [p for (_, p), d in zip(params, decays) if not d]
+        biases = [n.endswith(".bias") for n, _ in params]
         lr = lrs[name]
-        for suffix, ps, wd in (("", decay, cfg.weight_decay), (".no_decay", no_decay, 0.0)):
+        for suffix, wd, bias in (("", cfg.weight_decay, False), (".no_decay", 0.0, False),
+                                 (".bias", 0.0, True)):
+            want_decay = suffix == ""
+            ps = [p for (_, p), d, b in zip(params, decays, biases)
+                  if (b and cfg.bias_lr_factor != 1.0) == bias and (bias or d == want_decay)]
             if ps:
-                param_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name + suffix})
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
+                param_groups.append({"params": ps, "lr": lr * (cfg.bias_lr_factor if bias else 1.0),
+                                     "weight_decay": wd, "name": name + suffix})
+    kwargs = {"fused": True} if fused else {}
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
 
 
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float) -> float:
@@ -118,7 +125,8 @@ def _tokenizer(model: ReIDModel):
 
 
 def _evaluator(accelerator: Accelerator, cfg: Config, data: ReIDData, model: ReIDModel) -> Evaluator:
-    return Evaluator(accelerator, cfg, data, _transform(cfg, model, train=False), _tokenizer(model))
+    return Evaluator(accelerator, cfg, data, _transform(cfg, model, train=False), _tokenizer(model),
+                     handles_missing=model.modality_fusion.handles_missing)
 
 
 class TrainProgress:
@@ -410,12 +418,12 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
 
     model = build_model(cfg.model, modalities=data.modalities, anchor=cfg.data.anchor_modality)
     num_params = sum(p.numel() for p in model.parameters())
+    evaluator = _evaluator(accelerator, cfg, data, model)  # a bad eval.* setting fails now, not after training
     train_loader = build_train_loader(
         data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
         cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
         cfg.data.cache_images, _tokenizer(model))
     sampler = train_loader.batch_sampler
-    evaluator = _evaluator(accelerator, cfg, data, model)  # a bad eval.* setting fails now, not after training
     steps_per_epoch = len(train_loader) // tc.grad_accum
     if tc.epochs and steps_per_epoch == 0:
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
@@ -630,6 +638,6 @@ def load_trained(cfg: Config, checkpoint: str):
     model = build_model(cfg.model, load_pretrained=False, modalities=data.modalities,
                         anchor=cfg.data.anchor_modality)
     evaluator = _evaluator(accelerator, cfg, data, model)  # bad eval.* settings fail before the weights load
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, checkpoint, inference=True)
     model = accelerator.prepare(model)
     return accelerator, data, cfg, model, evaluator

@@ -28,6 +28,8 @@ class IDLoss(nn.Module):
     ``(1 - eps) * onehot + eps / num_classes`` targets, which is what torch's ``label_smoothing`` does.
     """
 
+    per_branch = True  # also on every extra feature the model trains with its own head
+
     def __init__(self, label_smoothing: float = 0.1) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
@@ -87,6 +89,8 @@ class TripletLoss(nn.Module):
             flowing back to each rank), so the loss is the one a single process computes on the
             whole P x K batch; without it each rank mines only its own P/R identities.
     """
+
+    per_branch = True
 
     def __init__(self, margin: Optional[float] = None, normalize: bool = False, gather: bool = True) -> None:
         super().__init__()
@@ -193,7 +197,10 @@ class Criterion(nn.Module):
     """Weighted named losses: ``forward(output, pids, epoch) -> {name: weighted loss, ..., "total": sum}``.
 
     A weight is a number or a function of the epoch. A loss that returns None (nothing to compute
-    for this model or batch) is left out of the dict.
+    for this model or batch) is left out of the dict. A loss marked ``per_branch`` (``id``,
+    ``triplet``) is also computed, with the same weight, on every extra feature the model trains
+    with its own head (``output.extra``, e.g. MambaPro's ``ori``), as ``<loss>.<branch>``; the modality
+    fusion's own auxiliary losses (``output.aux_losses``) join the dict as they are.
     """
 
     def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, Union[float, Callable[[int], float]]]):
@@ -214,6 +221,14 @@ class Criterion(nn.Module):
             value = fn(output, pids)
             if value is not None:
                 out[name] = w * value
+            if getattr(fn, "per_branch", False):
+                for branch, b in getattr(output, "extra", {}).items():
+                    if b.bn_feat is not None:  # trained with its own head
+                        value = fn(b, pids)
+                        if value is not None:
+                            out[f"{name}.{branch}"] = w * value
+        for name, value in (getattr(output, "aux_losses", None) or {}).items():
+            out[name] = value
         out["total"] = sum(out.values()) if out else output.feat.sum() * 0.0
         return out
 

@@ -30,6 +30,7 @@ from ..registry import Registry
 from .checkpoint import load_tower_weights
 from .experts import ModalityExperts
 from .families import TowerFamily, family_for_module, family_of
+from .prompts import TowerPrompts
 
 _logger = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class Backbone(nn.Module):
                              "has no class token (it pools its patch tokens); use sie_mode: all")
         self.sie = sie
         self.experts = ModalityExperts(self.tower, self.family)  # per-modality tokenizers / LoRA, on demand
+        self.parts: Optional[TowerPrompts] = None  # MambaPro's prompts / parallel adapters, on demand
         self._sie_bias: Optional[torch.Tensor] = None
         if sie is not None:
             self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
@@ -227,12 +229,35 @@ class Backbone(nn.Module):
         if self.sie is not None:
             self._sie_bias = self.sie(cam_ids, view_ids)
         try:
-            tokens = self.tower.forward_features(images)
+            tokens = self._tokens_with_parts(images, modality) if self.parts is not None \
+                else self.tower.forward_features(images)
         finally:
             self._sie_bias = None
         npt = self.num_prefix_tokens
         glob = self.family.global_token(self.tower, tokens, self.pool, npt)
         return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid)
+
+    def install_prompts(self, modalities: Sequence[str], length: int = 4, adapter_ratio: float = 2.0) -> None:
+        """Add MambaPro's prompts (``length`` tokens per modality and block; 0 = none) and parallel
+        adapters (``adapter_ratio`` x D hidden; 0 = none) to every block
+        (:class:`~hybrid_reid.models.prompts.TowerPrompts`)."""
+        if not self.family.supports_prompts:
+            raise ValueError(f"prompts / parallel adapters need timm Blocks that take extra tokens; the "
+                             f"{self.family.name} family ({self.arch}) has none")
+        self.parts = TowerPrompts(len(self.tower.blocks), self.embed_dim, modalities, length, adapter_ratio)
+        self.parts.to(next(self.tower.parameters()).device)
+
+    def _tokens_with_parts(self, images: torch.Tensor, modality: Optional[str]) -> torch.Tensor:
+        """``forward_features`` with the blocks run by :attr:`parts`: timm's embedding steps
+        (``_pos_embed`` is the one that adds the class token and positional embedding; the camera
+        embedding hook sits on its ``pos_drop``), the prompted blocks, the final norm."""
+        t = self.tower
+        x = t.patch_embed(images)
+        x = t._pos_embed(x)
+        x = t.patch_drop(x)
+        x = t.norm_pre(x)
+        x = self.parts(t.blocks, x, modality)
+        return t.norm(x)
 
     def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
               view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> torch.Tensor:

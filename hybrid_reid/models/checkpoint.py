@@ -137,8 +137,16 @@ def _openai_to_timm(sd: StateDict, tower: Optional[nn.Module]) -> StateDict:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    if tower is None or getattr(tower, "patch_embed", None) is None:
-        raise CheckpointError("an OpenAI-layout CLIP file needs the tower it is loaded into")
+    if tower is None:  # keys only: a stand-in whose patch kernel is the file's, and nothing to resample
+        kernel = visual["visual.conv1.weight"]
+
+        class _KeysOnly(nn.Module):
+            pos_embed = None
+            patch_embed = nn.Module()
+
+        tower = _KeysOnly()
+        tower.patch_embed.proj = nn.Module()
+        tower.patch_embed.proj.weight = torch.empty(kernel.shape, device="meta")
     out = checkpoint_filter_fn(visual, tower)
     out.pop("head.bias", None)  # timm adds a zero bias; CLIP's projection has none
     return out
@@ -221,14 +229,28 @@ def state_dict_problems(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor
     return problems
 
 
-def load_model_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Load a whole-model checkpoint (``model.safetensors`` written by ``run.py train``, a folder that
-    holds one, such as ``OUTPUT_DIR/checkpoints/epoch_010``, or any format of :func:`read_state_dict`)
-    strictly into ``model``.
+CLASSIFIER_SUFFIX = "classifier.weight"
+
+
+def load_model_weights(model: nn.Module, path: Union[str, os.PathLike], inference: bool = False) -> str:
+    """Load a whole-model checkpoint into ``model``: ``model.safetensors`` written by ``run.py train``,
+    a folder that holds one (``OUTPUT_DIR/checkpoints/epoch_010``), any format of
+    :func:`read_state_dict`, or a model saved by a published method's own code (its layout detected
+    and renamed, :mod:`hybrid_reid.methods`: MambaPro ...).
+
+    Every tensor the model needs must be in the file with its shape. Keys of a peer's model that
+    this configuration has no place for are listed in one log line and ignored. With ``inference``
+    (eval, extract), ID classifiers whose number of classes differs from the model's, and the heads of
+    training branches this configuration does not have, are skipped: a test feature never uses them.
+
+    Returns:
+        The layout loaded (``hybrid_reid`` or a method's name).
 
     Raises:
         CheckpointError: the file is missing or does not fit; the message names it and the keys.
     """
+    from ..methods import detect_layout
+
     path = os.fspath(path)
     if os.path.isdir(path):
         candidates = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
@@ -239,11 +261,44 @@ def load_model_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         path = found
     sd = read_state_dict(path)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    problems = state_dict_problems(model.state_dict(), sd)
+    layout = detect_layout(sd)
+    unused: List[str] = []
+    if layout is not None:
+        try:
+            converted = layout.convert(sd)
+        except KeyError as e:
+            raise CheckpointError(f"{path} looks like a {layout.name} checkpoint, but key {e.args[0]!r} has no "
+                                  "place in this project's layout") from None
+        sd, unused = converted.state, list(converted.unused)
+        for note in converted.notes:
+            _logger.info("%s: %s", path, note)
+    own = model.state_dict()
+    if inference:
+        skipped = {k: sd[k].shape[0] for k in sd
+                   if k.endswith(CLASSIFIER_SUFFIX) and k in own and sd[k].shape != own[k].shape}
+        for k in skipped:
+            sd.pop(k)
+        if skipped:
+            first = next(iter(skipped))
+            _logger.info("%s: ID classifier(s) %s skipped (%d classes in the file, %d here; a test feature does not "
+                         "use them)", path, sorted(skipped), skipped[first], own[first].shape[0])
+    # a peer's whole model, or (inference) training heads this configuration does not have: ignored, listed
+    extra = [k for k in sd if k not in own and (layout is not None or (inference and k.startswith("extra_heads.")))]
+    for k in extra:
+        sd.pop(k)
+    unused += extra
+    needed = {k: v for k, v in own.items() if not (inference and k.endswith(CLASSIFIER_SUFFIX) and k not in sd)}
+    problems = state_dict_problems(needed, sd)
     if problems:
-        raise CheckpointError(f"{path} does not fit this model ({'; '.join(problems)}); check that the config "
-                              "(model.*, data.modalities) is the one the checkpoint was trained with")
-    model.load_state_dict(sd, strict=True)
+        raise CheckpointError(f"{path} ({layout.name if layout else 'hybrid_reid'} layout) does not fit this model "
+                              f"({'; '.join(problems)}); check that the config (model.*, data.modalities) is the one "
+                              "the checkpoint was trained with")
+    model.load_state_dict(sd, strict=False)
+    if unused:
+        shown = ", ".join(sorted(unused)[:12]) + (f" ... ({len(unused)} in all)" if len(unused) > 12 else "")
+        _logger.info("%s: %d key(s) of the %s model that this configuration does not use were ignored: %s", path,
+                     len(unused), layout.name if layout else "saved", shown)
+    return layout.name if layout is not None else "hybrid_reid"
 
 
 def _is_quickgelu(tower: nn.Module) -> Optional[bool]:

@@ -40,6 +40,8 @@ class TowerFamily:
     lora_targets = r"attn\.(qkv|proj)|mlp\.(fc1|fc2)"
     #: timm's constructor takes ``embed_layer``, so a strided patch embedding can replace its own
     supports_stride = True
+    #: blocks are timm ``Block``s that take extra tokens (MambaPro's prompts and parallel adapters)
+    supports_prompts = True
 
     @classmethod
     def matches(cls, tower: nn.Module) -> bool:
@@ -118,6 +120,7 @@ class EvaFamily(TowerFamily):
     modules = ("timm.models.eva",)
     lora_targets = r"attn\.(qkv|q_proj|k_proj|v_proj|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x)"
     supports_stride = False
+    supports_prompts = False  # rotary attention over a fixed grid: no room for extra tokens
 
     @classmethod
     def matches(cls, tower: nn.Module) -> bool:

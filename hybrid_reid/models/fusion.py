@@ -15,7 +15,8 @@ into F (otherwise that work is skipped).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -132,32 +133,90 @@ class CrossAttentionFusion(TowerFusion):
 
 
 # --------------------------------------------------------------------------------------------------
-# Modality fusions: combine the per-modality features of one sample (after the towers are fused).
-# ``model.modality_fusion: <name>``; ``fusion(feats) -> [B, out_dim]`` with feats {modality: [B,F]}
-# holding the modalities present in the batch (a subset of ``modalities``).
+# Modality fusions: combine the modalities of one sample, at the level of their tokens.
+#
+#     fusion = MODALITY_FUSIONS.get(name)(modalities, dim, towers=..., **model.modality_fusion_kwargs)
+#     out = fusion(inputs)   # inputs {modality: EncoderOutput} for the modalities present
+#                            # -> FusionOutput(feat [B, out_dim], extra {name: [B, w]}, losses {name: scalar})
+#
+# ``EncoderOutput`` gives each modality's shared-space feature (``feat``), each tower's tokens in the
+# tower's width (``towers[t].cls`` [B, D_t], ``.patches`` [B, N_t, D_t], ``.grid``) and, for a fusion
+# that sets ``needs_tokens``, the same tokens projected into the shared space (``projected[t]``).
+# ``feat`` goes through the model's BNNeck / classifier and is the retrieval feature; each ``extra``
+# feature named in ``heads`` gets its own BNNeck / classifier and the ID / triplet losses (MambaPro's
+# ``ori`` branch); ``losses`` join the named loss dict as they are.
 
 MODALITY_FUSIONS: Registry[type] = Registry("modality fusion")
 
 
-class ModalityFusion(nn.Module):
-    """Base class: the fixed modality order and the output width."""
+@dataclass
+class TowerInfo:
+    """What a token-level fusion needs to know about a tower at build time."""
 
-    def __init__(self, modalities: Sequence[str], dim: int) -> None:
+    width: int  # D: token width before the projection
+    grid: Tuple[int, int]  # patch grid
+
+
+@dataclass
+class FusionOutput:
+    """Named output of a modality fusion.
+
+    Attributes:
+        feat: [B, out_dim] the retrieval feature (through the model's head).
+        extra: {name: [B, w]} further features; those whose name (or its part before ``:``) is one of
+            the fusion's ``heads`` are trained with that head (BNNeck, classifier) and the ID / triplet
+            losses; ``a:x`` and ``a:y`` share head ``a``.
+        losses: {name: scalar} auxiliary losses, already weighted, added to the loss dict.
+    """
+
+    feat: torch.Tensor
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModalityFusion(nn.Module):
+    """Base class: the fixed modality order, the output width and what the fusion needs.
+
+    Class attributes a fusion sets:
+        needs_tokens: the encoder also projects every tower's class and patch tokens into the shared
+            space (``EncoderOutput.projected``).
+        handles_missing: the fusion works on any non-empty subset of its modalities (queries of one
+            modality, the missing-modality protocol); a fusion that cannot says so at config time.
+
+    Args:
+        modalities: the model's modalities, in order.
+        dim: F, the shared space.
+        towers: ``{tower: TowerInfo}`` (widths and grids), for fusions that read tokens.
+    """
+
+    needs_tokens: bool = False
+    handles_missing: bool = True
+
+    def __init__(self, modalities: Sequence[str], dim: int, towers: Optional[Dict[str, TowerInfo]] = None) -> None:
         super().__init__()
         if not modalities:
             raise ValueError("a modality fusion needs at least one modality")
         self.modalities = list(modalities)
         self.dim = dim
+        self.towers = dict(towers or {})
 
     @property
     def out_dim(self) -> int:
         return self.dim
 
-    def check(self, feats: Feats) -> None:
-        unknown = [m for m in feats if m not in self.modalities]
-        if unknown or not feats:
-            raise ValueError(f"modalities {list(feats)} given; the model was built for {self.modalities} "
+    @property
+    def heads(self) -> Dict[str, int]:
+        """``{extra feature: width}`` that get their own BNNeck, classifier and ID / triplet losses."""
+        return {}
+
+    def check(self, inputs: Dict[str, object]) -> None:
+        unknown = [m for m in inputs if m not in self.modalities]
+        if unknown or not inputs:
+            raise ValueError(f"modalities {list(inputs)} given; the model was built for {self.modalities} "
                              "(data.modalities)")
+        if not self.handles_missing and list(inputs) != self.modalities:
+            raise ValueError(f"this modality fusion ({type(self).__name__}) needs every modality {self.modalities} in "
+                             f"that order; got {list(inputs)}")
 
 
 @MODALITY_FUSIONS.register("concat")
@@ -169,16 +228,17 @@ class ModalityConcat(ModalityFusion):
     def out_dim(self) -> int:
         return self.dim * len(self.modalities)
 
-    def forward(self, feats: Feats) -> torch.Tensor:
-        self.check(feats)
-        ref = next(iter(feats.values()))
-        return torch.cat([feats[m] if m in feats else ref.new_zeros(ref.shape) for m in self.modalities], dim=1)
+    def forward(self, inputs) -> FusionOutput:
+        self.check(inputs)
+        ref = next(iter(inputs.values())).feat
+        return FusionOutput(torch.cat([inputs[m].feat if m in inputs else ref.new_zeros(ref.shape)
+                                       for m in self.modalities], dim=1))
 
 
 @MODALITY_FUSIONS.register("mean")
 class ModalityMean(ModalityFusion):
     """Mean over the modalities present: ``[B, F]``."""
 
-    def forward(self, feats: Feats) -> torch.Tensor:
-        self.check(feats)
-        return torch.stack([feats[m] for m in self.modalities if m in feats], dim=1).mean(dim=1)
+    def forward(self, inputs) -> FusionOutput:
+        self.check(inputs)
+        return FusionOutput(torch.stack([inputs[m].feat for m in self.modalities if m in inputs], dim=1).mean(dim=1))

@@ -24,7 +24,7 @@ from ..modalities import get as get_modality
 from ..modalities import image_modalities, is_text
 from .backbone import Backbone, BackboneOutput, create_tower
 from .checkpoint import CheckpointError
-from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion
+from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion, TowerInfo
 from .multi_scale import MultiScaleExtractor
 from .sdm import SemanticDisentanglement
 from .text import TextEncoder
@@ -38,11 +38,24 @@ class EncoderOutput:
         feat: [B, F] fused feature in the shared space.
         tower_feats: {tower: [B, F]} each tower's projected feature (before fusion).
         towers: {tower: BackboneOutput} raw tokens (cls includes the multi-scale vector).
+        projected: {tower: BackboneOutput} the same tokens projected into F, when the modality fusion
+            reads tokens (``ModalityFusion.needs_tokens``); else empty.
     """
 
     feat: torch.Tensor
     tower_feats: Dict[str, torch.Tensor]
     towers: Dict[str, BackboneOutput] = field(repr=False)
+    projected: Dict[str, BackboneOutput] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Branch:
+    """A feature trained with its own head: ``feat`` [B, W] before the BNNeck, ``bn_feat`` after it,
+    ``logits`` [B, num_classes] (None without a classifier)."""
+
+    feat: torch.Tensor
+    bn_feat: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
 
 
 @dataclass
@@ -60,6 +73,9 @@ class ReIDOutput:
             of the CLIP consistency loss (training, loss on, RGB present), else None.
         consistency_feat: [B, C] the mean modality feature mapped into that CLIP space (the
             consistency loss's other side), else None.
+        extra: {name: Branch} the modality fusion's further features (MambaPro's ``ori``), each with
+            its own head when the fusion trains it.
+        aux_losses: {name: scalar} the modality fusion's auxiliary losses (weighted).
     """
 
     feat: torch.Tensor
@@ -70,6 +86,8 @@ class ReIDOutput:
     semantic: Optional[Dict[str, torch.Tensor]] = None
     clip_global: Optional[torch.Tensor] = None
     consistency_feat: Optional[torch.Tensor] = None
+    extra: Dict[str, Branch] = field(default_factory=dict)
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def renorm_affine(mean_in: Sequence[float], std_in: Sequence[float], mean_out: Sequence[float],
@@ -94,7 +112,8 @@ class ReIDEncoder(nn.Module):
 
     def __init__(self, backbones: Dict[str, Backbone], feat_dim: int,
                  multi_scale: Optional[Dict[str, MultiScaleExtractor]] = None,
-                 fusion: Optional[TowerFusion] = None, reuse_clip_proj: bool = True) -> None:
+                 fusion: Optional[TowerFusion] = None, reuse_clip_proj: bool = True, projector: str = "linear",
+                 project_tokens: bool = False) -> None:
         super().__init__()
         if not backbones:
             raise ValueError("ReIDEncoder needs at least one backbone")
@@ -104,10 +123,23 @@ class ReIDEncoder(nn.Module):
         self.multi_scale = nn.ModuleDict(multi_scale or {})
         self.fusion = fusion
         self.feat_dim = feat_dim
+        self.project_tokens = project_tokens
         self.reused_proj = {t for t, b in backbones.items()
                             if reuse_clip_proj and b.proj is not None and b.proj.out_features == feat_dim}
-        self.projectors = nn.ModuleDict({t: nn.Linear(b.embed_dim, feat_dim, bias=False)
-                                         for t, b in backbones.items() if t not in self.reused_proj})
+        if projector not in ("linear", "identity"):
+            raise ValueError(f"model.projector must be linear or identity, got {projector!r}")
+        self.projectors = nn.ModuleDict()
+        for t, b in backbones.items():
+            if t in self.reused_proj:
+                continue
+            if projector == "identity":
+                if b.embed_dim != feat_dim:
+                    raise ValueError(f"model.projector=identity: the {t} tower is {b.embed_dim} wide and "
+                                     f"model.feat_dim "
+                                     f"is {feat_dim}; set feat_dim: {b.embed_dim} (or keep projector: linear)")
+                self.projectors[t] = nn.Identity()
+            else:
+                self.projectors[t] = nn.Linear(b.embed_dim, feat_dim, bias=False)
         first = next(iter(backbones.values()))
         self.mean, self.std = first.mean, first.std
         for t, b in backbones.items():
@@ -132,8 +164,9 @@ class ReIDEncoder(nn.Module):
 
     @property
     def has_experts(self) -> bool:
-        """Whether a tower routes by modality (tokenizers or LoRA experts)."""
-        return any(b.experts.enabled for b in self.backbones.values())
+        """Whether a tower routes by modality (tokenizers, LoRA experts, prompts)."""
+        return any(b.experts.enabled or (b.parts is not None and b.parts.prompts is not None)
+                   for b in self.backbones.values())
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> EncoderOutput:
@@ -143,6 +176,7 @@ class ReIDEncoder(nn.Module):
         outs: Dict[str, BackboneOutput] = {}
         feats: Dict[str, torch.Tensor] = {}
         tokens: Dict[str, torch.Tensor] = {}
+        projected: Dict[str, BackboneOutput] = {}
         needs_tokens = self.fusion is not None and self.fusion.needs_tokens
         for t, backbone in self.backbones.items():
             out = backbone(self._input_for(t, images), cam_ids, view_ids, modality)
@@ -151,10 +185,13 @@ class ReIDEncoder(nn.Module):
             outs[t] = out
             proj = self.projector(t)
             feats[t] = proj(out.cls)
-            if needs_tokens:
+            if needs_tokens or self.project_tokens:
                 tokens[t] = proj(out.patches)
-        feat = self.fusion(feats, tokens or None) if self.fusion is not None else next(iter(feats.values()))
-        return EncoderOutput(feat=feat, tower_feats=feats, towers=outs)
+            if self.project_tokens:
+                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid)
+        feat = self.fusion(feats, tokens if needs_tokens else None) if self.fusion is not None \
+            else next(iter(feats.values()))
+        return EncoderOutput(feat=feat, tower_feats=feats, towers=outs, projected=projected)
 
 
 class ReIDHead(nn.Module):
@@ -209,6 +246,9 @@ class ReIDModel(nn.Module):
                 nn.Linear(text_encoder.embed_dim, f, bias=False)
         self.head = head
         self.modality_fusion = modality_fusion
+        # a head (BNNeck + classifier) for every extra feature the fusion trains (MambaPro's ``ori``)
+        num_classes = head.classifier.out_features if head.classifier is not None else 0
+        self.extra_heads = nn.ModuleDict({name: ReIDHead(w, num_classes) for name, w in modality_fusion.heads.items()})
         self.sdm = sdm
         # The consistency target: a frozen CLIP image tower, kept out of the module tree (not in the
         # state dict, the optimizer or DDP; it is rebuilt from model.clip_consistency.teacher) and moved lazily.
@@ -239,21 +279,29 @@ class ReIDModel(nn.Module):
         text = images.get(text_mod) if text_mod is not None else None
         image_inputs = {m: x for m, x in images.items() if not is_text(m)}
         enc = self._encode(image_inputs, cam_ids, view_ids) if image_inputs else {}
-        feats = {m: e.feat for m, e in enc.items()}
+        inputs = dict(enc)
         if text is not None:
             if self.text_encoder is None:
                 raise ValueError("text given, but the model was built without the text modality (data.modalities)")
-            feats[text_mod] = self.text_projector(self.text_encoder(text))
-        feats = {m: feats[m] for m in images}  # the caller's order
-        feat = self.modality_fusion(feats)
+            inputs[text_mod] = EncoderOutput(self.text_projector(self.text_encoder(text)), {}, {})
+        inputs = {m: inputs[m] for m in images}  # the caller's order
+        feats = {m: e.feat for m, e in inputs.items()}
+        fused = self.modality_fusion(inputs)
+        feat = fused.feat
         bn, logits = self.head(feat)
+        extra = {}
+        for name, f in fused.extra.items():
+            head_name = name.split(":", 1)[0]  # "modality:rgb" and "modality:nir" share the head "modality"
+            head = self.extra_heads[head_name] if head_name in self.extra_heads else None
+            extra[name] = Branch(f, *head(f)) if head is not None else Branch(f, None, None)
         semantic = self.sdm(feats) if self.sdm is not None else None
         clip_global = consistency_feat = None
         if self._clip_teacher is not None and self.training and self.anchor in images:
             clip_global = self._teacher_feature(images[self.anchor])
             consistency_feat = self.consistency_head(torch.stack(list(feats.values())).mean(0))
         return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
-                          semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat)
+                          semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat,
+                          extra=extra, aux_losses=dict(fused.losses))
 
     @torch.no_grad()
     def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -280,16 +328,20 @@ class ReIDModel(nn.Module):
         def part(t: torch.Tensor, i: int) -> torch.Tensor:
             return t[i * b:(i + 1) * b]
 
+        def split(outs: Dict[str, BackboneOutput], i: int) -> Dict[str, BackboneOutput]:
+            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid) for t, o in outs.items()}
+
         return {m: EncoderOutput(
             feat=part(out.feat, i), tower_feats={t: part(f, i) for t, f in out.tower_feats.items()},
-            towers={t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid) for t, o in out.towers.items()})
+            towers=split(out.towers, i), projected=split(out.projected, i))
             for i, m in enumerate(images)}
 
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Trainable parameters by named group (each gets its own learning rate, ``optim.group_lr``).
 
         ``backbone``: the towers' pretrained transformer weights; ``lora``: MER experts;
-        ``tokenizers``: per-modality patch embeddings; ``projections``: projectors into the shared
+        ``tokenizers``: per-modality patch embeddings; ``prompts``: MambaPro's prompts and parallel
+        adapters; ``projections``: projectors into the shared
         space (CLIP's reused one included); ``head``: BNNeck and classifier; ``other``: camera
         embeddings, multi-scale extractors, fusions and whatever else is added.
         """
@@ -300,7 +352,7 @@ class ReIDModel(nn.Module):
         return groups
 
 
-PARAM_GROUPS = ("backbone", "lora", "tokenizers", "projections", "head", "other")
+PARAM_GROUPS = ("backbone", "lora", "tokenizers", "prompts", "projections", "head", "other")
 
 
 def group_learning_rates(groups: Sequence[str], lr: float, group_lr: Dict[str, float]) -> Dict[str, float]:
@@ -317,12 +369,14 @@ def param_group_of(name: str) -> str:
         return "lora"
     if ".patch_embed.embeds." in name or ".patch_embed.adapters." in name:
         return "tokenizers"
+    if name.startswith("encoder.backbones.") and ".parts." in name:
+        return "prompts"
     if (name.startswith("encoder.backbones.") and ".tower." in name) or name.startswith("text_encoder."):
         return "backbone"
     if name.startswith(("encoder.projectors.", "text_projector.")) or (
             name.startswith("encoder.backbones.") and ".proj." in name and ".tower." not in name):
         return "projections"
-    if name.startswith("head."):
+    if name.startswith(("head.", "extra_heads.")):
         return "head"
     return "other"
 
@@ -346,8 +400,8 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise type(e)(f"model.towers.{t}: {e}") from None
     image_mods = image_modalities(modalities)
     for t, b in backbones.items():  # after the pretrained weights: experts start from them
-        if cfg.freeze_backbone:
-            for p in b.tower.parameters():
+        if cfg.freeze_backbone:  # the pretrained weights: the tower and CLIP's own projection
+            for p in [*b.tower.parameters(), *(b.proj.parameters() if b.proj is not None else [])]:
                 p.requires_grad_(False)
         if cfg.tokenizers.enabled:
             channels = {m: cfg.tokenizers.channels.get(m, get_modality(m).channels) for m in image_mods}
@@ -355,6 +409,12 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         if cfg.mer.enabled:
             try:
                 b.experts.add_lora(image_mods, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
+            except ValueError as e:
+                raise ValueError(f"model.towers.{t}: {e}") from None
+        if cfg.prompts.enabled or cfg.adapters.enabled:
+            try:
+                b.install_prompts(image_mods, cfg.prompts.length if cfg.prompts.enabled else 0,
+                                  cfg.adapters.ratio if cfg.adapters.enabled else 0.0)
             except ValueError as e:
                 raise ValueError(f"model.towers.{t}: {e}") from None
     ms = cfg.multi_scale
@@ -368,11 +428,19 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise ValueError(f"model.fusion: {e.args[0]}") from None
         except TypeError as e:
             raise ValueError(f"model.fusion_kwargs for {cfg.fusion!r}: {e}") from None
-    encoder = ReIDEncoder(backbones, cfg.feat_dim, multi_scale, fusion, cfg.reuse_clip_proj)
     try:
-        mfusion = MODALITY_FUSIONS.get(cfg.modality_fusion)(list(modalities), cfg.feat_dim)
+        mfusion_cls = MODALITY_FUSIONS.get(cfg.modality_fusion)
     except KeyError as e:
         raise ValueError(f"model.modality_fusion: {e.args[0]}") from None
+    encoder = ReIDEncoder(backbones, cfg.feat_dim, multi_scale, fusion, cfg.reuse_clip_proj, cfg.projector,
+                          project_tokens=mfusion_cls.needs_tokens)
+    towers_info = {t: TowerInfo(b.embed_dim, b.grid) for t, b in backbones.items()}
+    try:
+        mfusion = mfusion_cls(list(modalities), cfg.feat_dim, towers=towers_info, **cfg.modality_fusion_kwargs)
+    except TypeError as e:
+        raise ValueError(f"model.modality_fusion_kwargs for {cfg.modality_fusion!r}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"model.modality_fusion={cfg.modality_fusion}: {e}") from None
     sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
     text = None
     if any(is_text(m) for m in modalities):
@@ -398,18 +466,26 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     """Parameters per component: ``{"components": {name: {"params", "trainable"}}, "total", ...}``.
 
     Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
-    ``fusion`` and ``head``; a parameter shared by two (CLIP's reused projection) is counted once,
-    under the projector.
+    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion`` (when
+    it has parameters, e.g. the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
+    branch; a parameter shared by two (CLIP's reused projection) is counted once, under the projector.
     """
     enc = model.encoder
-    parts: Dict[str, Optional[nn.Module]] = {}
+    parts: Dict[str, object] = {}
     for t, b in enc.backbones.items():
         parts[f"{t}.sie"] = b.sie
         parts[f"{t}.multi_scale"] = enc.multi_scale[t] if t in enc.multi_scale else None
         parts[f"{t}.projector"] = enc.projector(t)
+        p = b.parts
+        parts[f"{t}.prompts"] = [] if p is None or p.prompts is None else \
+            [*p.prompts.parameters(), *p.cross.parameters(), *p.transfer.parameters()]
+        parts[f"{t}.adapters"] = p.adapters if p is not None else None
     parts["fusion"] = enc.fusion
     parts["text.projector"] = model.text_projector
+    parts["modality_fusion"] = model.modality_fusion
     parts["head"] = model.head
+    for name, h in model.extra_heads.items():
+        parts[f"head.{name}"] = h
     seen: set = set()
 
     def count(params) -> Dict[str, int]:
@@ -417,16 +493,23 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
         seen.update(id(p) for p in ps)
         return {"params": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
 
-    comps = {name: count(m.parameters() if m is not None else []) for name, m in parts.items()}
+    comps = {name: count(m if isinstance(m, list) else m.parameters() if m is not None else [])
+             for name, m in parts.items()}
     for t, b in enc.backbones.items():  # what is left of each backbone is the tower itself
         comps[f"{t}.tower"] = count(b.parameters())
     comps["text.tower"] = count(model.text_encoder.parameters() if model.text_encoder is not None else [])
     rest = count(model.parameters())
     if rest["params"]:
         comps["other"] = rest
-    order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "projector")]
-    comps = {k: comps[k] for k in order + ["text.tower", "text.projector", "fusion", "head", "other"]
-             if k in comps and (comps[k]["params"] or not k.startswith("text."))}
+    order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "prompts", "adapters",
+                                                          "projector")]
+    order += ["text.tower", "text.projector", "fusion", "modality_fusion", "head",
+              *(f"head.{n}" for n in model.extra_heads), "other"]
+
+    def optional(k: str) -> bool:  # listed only when the model has them
+        return k.startswith("text.") or k == "modality_fusion" or k.endswith((".prompts", ".adapters"))
+
+    comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
     trainable = sum(c["trainable"] for c in comps.values())
     share = {t: comps[f"{t}.multi_scale"]["params"] / max(1, comps[f"{t}.tower"]["params"])
