@@ -26,6 +26,7 @@ from .data import DataError, canonical_modality
 from .data.synth import LAYOUTS
 from .models import CheckpointError, build_model, parameter_summary
 from .models.model import group_learning_rates
+from .utils import MissingPackageError
 
 
 def _fmt_int(n: int) -> str:
@@ -136,6 +137,15 @@ def cmd_convert_weights(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
+    if args.features:
+        from .engine.train import evaluate_saved
+
+        if args.checkpoint or args.save_features:
+            raise ValueError("--features evaluates saved features: leave out --checkpoint and --save-features")
+        evaluate_saved(args.features, args.overrides, config=args.config, out=args.out)
+        return 0
+    if not args.config or not args.checkpoint:
+        raise ValueError("run.py eval needs --config and --checkpoint (or --features FILE for saved features)")
     cfg = load_config(args.config, args.overrides)
     evaluate(cfg, args.checkpoint, save_features_to=args.save_features, out=args.out)
     return 0
@@ -148,6 +158,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(cfg.output_dir, "features.safetensors")
     r = extract_folder(cfg, args.checkpoint, args.images, out, modality=args.modality, cam=args.cam)
     print(f"{r['num_images']} samples ({'+'.join(r['modalities'])}) -> {r['dim']}-d features in {r['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    report = export_model(args.model, args.format, out_dir=args.out, combinations=args.modalities)
+    for name, r in report.items():
+        print(f"{r['path']}: inputs {', '.join(r['inputs'])} -> feat [batch, {r['output_dim']}] "
+              f"(L2-normalised); max |diff| against eager {r['max_abs_diff']:.2e}")
     return 0
 
 
@@ -232,8 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 data.root=/datasets")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a trained model; writes OUTPUT_DIR/eval_metrics.json")
-    _trained_model_args(ev, "the YAML config the model was trained with")
+    ev = sub.add_parser("eval", help="evaluate a trained model, or saved features; writes OUTPUT_DIR/eval_metrics.json")
+    ev.add_argument("--config", default=None, help="the YAML config the model was trained with (with --features: "
+                                                   "optional, its eval.* settings replace the saved ones)")
+    ev.add_argument("--checkpoint", default=None, help="OUTPUT_DIR/model.safetensors, a checkpoint folder, or a "
+                                                       "model saved by a published method's code")
+    ev.add_argument("--features", default=None, metavar="FILE",
+                    help="evaluate features saved with --save-features instead of a model: no model, no images, "
+                         "the same numbers (writes FILE's name + .metrics.json unless --out)")
     ev.add_argument("--save-features", default=None, metavar="FILE",
                     help="also write the query / gallery features, pids, camids and paths (.safetensors or .npz)")
     ev.add_argument("--out", default=None, metavar="FILE",
@@ -253,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("overrides", nargs="*", help="dotted overrides")
     ex.set_defaults(func=cmd_extract)
 
+    xp = sub.add_parser("export", help="a model folder as ONNX or TorchScript graphs, checked against eager")
+    xp.add_argument("model", help="a model folder or a finished run's output_dir (model.safetensors + config.yaml)")
+    xp.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    xp.add_argument("--modalities", nargs="+", default=None, metavar="COMBINATION",
+                    help="one graph per combination, e.g. rgb+nir+tir rgb (default: all the model's modalities)")
+    xp.add_argument("--out", default=None, help="output folder (default MODEL/export)")
+    xp.set_defaults(func=cmd_export)
     vi = sub.add_parser("visualize", help="CMC curve, rank lists and t-SNE PNGs of a trained model")
     _trained_model_args(vi, "the YAML config the model was trained with")
     vi.add_argument("--out", default=None, help="output folder (default OUTPUT_DIR/visualize)")
@@ -342,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (ConfigError, CheckpointError, DataError, ValueError, KeyError, FileNotFoundError, FileExistsError,
-            RunLockedError, OutputDirNotEmptyError) as e:
+            RunLockedError, OutputDirNotEmptyError, MissingPackageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

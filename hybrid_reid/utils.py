@@ -1,10 +1,10 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, optional packages."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -32,3 +32,19 @@ def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+class MissingPackageError(RuntimeError):
+    """An optional package a feature needs is not installed; the message names it and the install command."""
+
+
+def require_packages(feature: str, packages: Dict[str, str], extra: Optional[str] = None) -> None:
+    """Raise :class:`MissingPackageError` unless every module of ``packages`` (``{module: pip name}``)
+    is importable; ``feature`` says what needs them, ``extra`` the project's pip extra that has them."""
+    import importlib.util
+
+    missing = [pip for module, pip in packages.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        how = f"pip install 'hybrid_reid[{extra}]' (or pip install {' '.join(missing)})" if extra else \
+            f"pip install {' '.join(missing)}"
+        raise MissingPackageError(f"{feature} needs {' and '.join(missing)}, which is not installed: {how}")

@@ -52,6 +52,48 @@ def plot_cmc(curves: Dict[str, Sequence[float]], path: str, title: str = "CMC") 
     return path
 
 
+def plot_curves(log_csv: str, path: str, title: str = "training") -> str:
+    """The training curves of a run's ``log.csv``: loss per epoch (and the learning rate) on the left,
+    mAP and rank-1 at the evaluated epochs on the right, to ``path``."""
+    import csv
+
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{log_csv}: no epochs logged")
+
+    def column(name: str):
+        xs = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [x for x, _ in xs], [y for _, y in xs]
+
+    plt = _plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    ax.plot(*column("loss"), color="tab:blue", lw=1.6, label="loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(*column("lr"), color="tab:gray", lw=1.0, ls="--", label="lr")
+    lr.set_ylabel("learning rate")
+    ax.legend(handles=ax.get_lines() + lr.get_lines(), loc="upper right", fontsize=8)
+    ax.set_title(f"{title}: loss")
+    for name, color in (("mAP", "tab:red"), ("rank1", "tab:green")):
+        x, y = column(name)
+        if x:
+            bx.plot(x, y, "o-", color=color, lw=1.4, ms=4, label=f"{name} (last {y[-1]:.1f})")
+    bx.set_xlabel("epoch")
+    bx.set_ylabel("%")
+    bx.set_ylim(0, 100.5)
+    bx.grid(alpha=0.3)
+    if bx.get_lines():
+        bx.legend(loc="lower right", fontsize=8)
+    bx.set_title(f"{title}: evaluation")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _text_panel(text: str, size) -> Image.Image:
     panel = Image.new("RGB", size, (250, 250, 245))
     draw = ImageDraw.Draw(panel)
@@ -154,7 +196,10 @@ def visualize(cfg: Config, checkpoint: str, out_dir: str, num_queries: int = 6, 
     spread queries each, for at most ``max_sets`` query sets: the first ones and the last, which has
     every modality) and ``tsne.png`` to ``out_dir``.
 
-    Returns ``{"cmc": [...], "ranklists": [...], "tsne": [...]}`` paths.
+    When the checkpoint's run folder has a ``log.csv``, also ``curves.png`` (loss, learning rate,
+    mAP and rank-1 per epoch).
+
+    Returns ``{"cmc": [...], "ranklists": [...], "tsne": [...], "curves": [...]}`` paths.
     """
     from .engine.train import load_trained
 
@@ -163,7 +208,15 @@ def visualize(cfg: Config, checkpoint: str, out_dir: str, num_queries: int = 6, 
     if not accelerator.is_main_process:
         return {}
     os.makedirs(out_dir, exist_ok=True)
-    written: Dict[str, List[str]] = {"cmc": [], "ranklists": [], "tsne": []}
+    written: Dict[str, List[str]] = {"cmc": [], "ranklists": [], "tsne": [], "curves": []}
+    run_dir = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    parents = [run_dir, os.path.dirname(run_dir), os.path.dirname(os.path.dirname(run_dir)), cfg.output_dir]
+    for folder in dict.fromkeys(parents):  # OUTPUT_DIR/model.safetensors, or OUTPUT_DIR/checkpoints/epoch_NNN
+        log_csv = os.path.join(folder, "log.csv")
+        if os.path.isfile(log_csv):
+            written["curves"].append(plot_curves(log_csv, os.path.join(out_dir, "curves.png"),
+                                                 os.path.basename(os.path.normpath(folder))))
+            break
     title = f"CMC ({data.name}, {cfg.eval.protocol}; mAP {metrics['mAP']:.1f})"
     curves = evaluator.curves
     if len(curves) > 8:  # ORBench's 32 sets: the averages by number of query modalities

@@ -28,10 +28,14 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def run_python(*args, timeout=300):
-    """Run ``python ARGS`` in the repository root, offline, capturing text output."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def run_python(*args, timeout=300, cwd=None):
+    """Run ``python ARGS`` in the repository root (or ``cwd``, importing this checkout), offline,
+    capturing text output."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if cwd is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def tiny_open_clip(image_size=(224, 224)):

@@ -253,15 +253,60 @@ def test_eval_save_features_and_extract(trained, data_root, tmp_path):
     # same images, same camera ids (the synthetic test set: camera from the name) -> same features where cam 0
     cam0 = [i for i, j in enumerate(order) if q["camids"][j] == 0]
     assert cam0 and np.abs(e["feat"][cam0] - q["feat"][[order[i] for i in cam0]]).max() < 1e-4
-    # a plain folder of one modality
+    # a plain folder of one modality: the concat fusion cannot represent NIR alone (its RGB and TIR
+    # thirds would be zeros for every image), so that is refused rather than written
     r = run_python("run.py", "extract", "--config", str(out / "config.yaml"), "--checkpoint",
                    str(out / "model.safetensors"), "--images", os.path.join(test_dir, "NI"), "--modality", "nir",
                    "--out", str(tmp_path / "nir.npz"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert load_features(str(tmp_path / "nir.npz"))["images"]["paths"][0].startswith("nir=")
+    assert r.returncode == 2 and "of its 1536 dimensions would be the same constant" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "nir.npz").exists()
     r = run_python("run.py", "extract", "--config", str(out / "config.yaml"), "--checkpoint",
                    str(out / "model.safetensors"), "--images", os.path.join(test_dir, "NI"), "--modality", "sketch")
     assert r.returncode == 2 and "'sketch'" in r.stderr
+
+
+def test_a_finished_run_is_a_model_folder(trained):
+    from hybrid_reid.pretrained import read_metadata
+
+    metrics, out = trained["trained"]
+    meta = read_metadata(str(out / "model.safetensors"))
+    assert meta["format"] == "hybrid_reid.model.v1" and meta["modalities"] == ["rgb", "nir", "tir"]
+    assert meta["feature_dim"] == "1536" and meta["input_size"] == [64, 32] and meta["eval_feat"] == "bn"
+    card = (out / "README.md").read_text()
+    assert f"| {metrics['mAP']:.2f} | {metrics['rank1']:.2f} |" in card and "protocol `market`" in card
+    assert "8 epochs" in card and "```bash" in card  # how it was trained, and the command
+
+
+def test_eval_features_gives_the_runs_numbers_without_model_or_images(trained, data_root, tmp_path):
+    """run.py eval --features: every protocol's numbers from the saved sets alone (missing: 7 rankings)."""
+    _, out = trained["trained"]
+    feats = tmp_path / "feats.safetensors"
+    r = run_python("run.py", "eval", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
+                   *tiny_overrides(data_root, tmp_path / "ev", 8), "eval.protocol=missing", "--save-features",
+                   str(feats), "--out", str(tmp_path / "direct.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_python("run.py", "eval", "--features", str(feats), "--out", str(tmp_path / "saved.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    direct, saved = (json.loads((tmp_path / f).read_text()) for f in ("direct.json", "saved.json"))
+    # the feature extractor on the run folder gives the evaluation's features (L2-normalised)
+    from hybrid_reid import FeatureExtractor
+    from hybrid_reid.engine import load_features
+
+    q = load_features(str(feats))["query"]
+    rows = [0, 5, 11]
+    paths = [dict(kv.split("=", 1) for kv in q["paths"][i].split(";")) for i in rows]
+    got = FeatureExtractor(str(out), device="cpu")({m: [p[m] for p in paths] for m in ("rgb", "nir", "tir")},
+                                                   cam_ids=q["camids"][rows])
+    expected = torch.nn.functional.normalize(torch.from_numpy(q["feat"][rows]), dim=1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "missing", "cmc"):
+        assert saved[key] == direct[key], key
+    assert set(direct["missing"]) == {"r", "n", "t", "rn", "rt", "nt", "average"}
+    # other eval settings on the same features, still without a model: cosine instead of euclidean
+    r = run_python("run.py", "eval", "--features", str(feats), "eval.metric=cosine", "--out", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_python("run.py", "eval", "--features", str(tmp_path / "nope.npz"))
+    assert r.returncode == 2 and "no such file" in r.stderr
 
 
 def test_visualize_writes_cmc_rank_lists_and_tsne(trained, data_root, tmp_path):
@@ -272,7 +317,7 @@ def test_visualize_writes_cmc_rank_lists_and_tsne(trained, data_root, tmp_path):
     r = run_python("run.py", "visualize", "--config", QUICK, "--checkpoint", str(out / "model.safetensors"),
                    "--out", str(vis), "--queries", "3", *tiny_overrides(data_root, tmp_path / "v", 8))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(vis)) == ["cmc.png", "ranklist_query.png", "tsne.png"]
+    assert sorted(os.listdir(vis)) == ["cmc.png", "curves.png", "ranklist_query.png", "tsne.png"]
     ranks = np.asarray(Image.open(vis / "ranklist_query.png").convert("RGB"))
     # 3 rows of query + 10 results, each cell 3 modalities of 64x128 plus a 4-pixel border
     assert ranks.shape[0] >= 3 * 128 and ranks.shape[1] >= 11 * 3 * 64

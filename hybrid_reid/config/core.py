@@ -28,6 +28,39 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- YAML
+def shipped_configs_dir() -> Path:
+    """The configs that come with the package (``hybrid_reid/configs``; in a source checkout a link to
+    the repository's ``configs/``)."""
+    here = Path(__file__).resolve().parents[1] / "configs"
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def shipped_configs() -> List[str]:
+    """Names of the shipped configs (``quickstart``, ``methods/mambapro`` ...)."""
+    root = shipped_configs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(path: Union[str, os.PathLike]) -> Path:
+    """A config file: ``path`` itself when it exists, else a shipped config by name from any directory
+    (``quickstart``, ``methods/mambapro``, or ``configs/quickstart.yaml`` as the README writes it).
+
+    Raises:
+        ConfigError: neither exists; the message lists the shipped names.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.as_posix()
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    shipped = shipped_configs_dir() / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    if not p.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {p} (nor a shipped config of that name; shipped: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def load_yaml(path: Union[str, os.PathLike], _seen: Optional[List[Path]] = None,
               merge: Optional[Callable[[Dict[str, Any], Dict[str, Any], str], Dict[str, Any]]] = None
               ) -> Dict[str, Any]:

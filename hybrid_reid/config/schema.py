@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from ..data.synth import SynthSpec
-from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
+from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, resolve_config_path
 
 
 @dataclass
@@ -380,6 +380,11 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
 
 
+#: ``train.log_with`` names -> the package each needs (None: built in)
+TRACKERS = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
 @dataclass
 class TrainConfig:
     """The training loop.
@@ -400,6 +405,11 @@ class TrainConfig:
             deterministic with autotuning off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (slower kernels;
             CPU runs are repeatable without it).
         compile: wrap the model in ``torch.compile`` (the training forward has no graph breaks).
+        log_with: experiment trackers, through Accelerate: ``tensorboard``, ``wandb``, ``mlflow``,
+            ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio`` (each needs its
+            package; a missing one is an error naming it), and ``csv`` (``OUTPUT_DIR/log.csv``, which
+            every run writes anyway). The resolved config goes to each as hyper-parameters; ``[]``
+            for none.
     """
 
     epochs: int = 60
@@ -415,8 +425,12 @@ class TrainConfig:
     max_bad_steps: int = 10
     deterministic: bool = False
     compile: bool = False
+    log_with: List[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
+        unknown = [t for t in self.log_with if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.log_with: {unknown} unknown; choose from {', '.join(TRACKERS)}")
         if self.max_bad_steps < 1:
             raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.epochs < 0 or self.grad_accum < 1 or self.keep_checkpoints < 1:
@@ -606,13 +620,19 @@ def _apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None,
                 overrides: Sequence[str] = ()) -> Config:
-    """Load ``path`` (with its ``_base_`` chain), apply dotted ``overrides`` and validate.
+    """Load ``path`` (with its ``_base_`` chain), apply dotted ``overrides`` and validate. ``path`` may
+    name a shipped config from any directory (``quickstart``, ``methods/mambapro``).
 
     Example:
         >>> cfg = load_config("configs/hybrid.yaml", ["model.fusion=gated"])
     """
-    data = load_yaml(path, merge=merge_layer) if path is not None else {}
-    data = _apply_overrides(data, overrides)
+    data = load_yaml(resolve_config_path(path), merge=merge_layer) if path is not None else {}
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: Dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """:func:`load_config` of a mapping instead of a file (e.g. the ``eval`` settings saved with features)."""
+    data = _apply_overrides(dict(data), overrides)
     # losses are a dict keyed by name: merge into the defaults so ``loss.triplet.weight=0.5`` keeps ``id``
     data["loss"] = deep_merge(_default_losses(), data.get("loss") or {})
     return from_dict(Config, data)

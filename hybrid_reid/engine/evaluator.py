@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import PairedTransform, ReIDData, Sample, build_test_loader, canonical_modality
@@ -38,19 +39,22 @@ METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 
 @torch.no_grad()
 def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
-                     modalities: Optional[List[str]] = None, zero: Sequence[str] = ()) -> torch.Tensor:
+                     modalities: Optional[List[str]] = None, zero: Sequence[str] = (),
+                     desc: str = "features") -> torch.Tensor:
     """Features of every sample of ``loader.dataset`` in dataset order, gathered over processes: [N, F'].
 
     Args:
         modalities: compute the features from these modalities only (None = all in the batch).
         zero: image modalities fed as zeros (after normalisation) instead of their images.
+        desc: the progress bar's label (main process; gone when done).
 
     Raises:
         RuntimeError: if the gathered indices are not exactly 0..N-1 once each.
     """
     model.eval()
     feats, indices = [], []
-    for batch in loader:
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    for batch in bar:
         images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
         images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
@@ -142,10 +146,11 @@ class Evaluator:
         transform: the test transform (the model's mean / std and size).
         tokenize: the model's text tokenizer, or None.
 
-    After :meth:`run`, :attr:`features` holds the main case's feature sets (``query`` and
-    ``gallery``; for ``orbench``, ``gallery`` and ``query:<set>`` for each set), :attr:`ranked`
-    the ``(query, gallery)`` feature-set pairs ranked and :attr:`curves` their CMC curves (percent),
-    for :func:`save_features` and :mod:`hybrid_reid.visualize`.
+    After :meth:`run`, :attr:`features` holds every feature set ranked (``query`` and ``gallery``;
+    for ``missing`` also ``query:<case>`` / ``gallery:<case>``; for ``orbench``, ``gallery`` and
+    ``query:<set>`` for each set), :attr:`ranked` the ``{name: (query set, gallery set)}`` pairs
+    ranked and :attr:`curves` their CMC curves (percent), for :func:`save_features`,
+    :func:`evaluate_saved` and :mod:`hybrid_reid.visualize`.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: Config, data: ReIDData, transform: PairedTransform,
@@ -190,7 +195,36 @@ class Evaluator:
     def run(self, model) -> Dict[str, object]:
         """Metrics (percent) of ``model`` under ``eval.protocol``: the main numbers at the top level,
         the protocol's cases under its own key (``"missing"``, ``"orbench"``)."""
-        return self.protocol.run(self, model)
+        self.features, self.ranked, self.curves = {}, {}, {}
+        self.protocol.features(self, model)
+        return self.summarize()
+
+    def summarize(self) -> Dict[str, object]:
+        """Rank every pair of :attr:`ranked` and let the protocol combine the results."""
+        results = {name: self.rank(self.features[q], self.features[g]) for name, (q, g) in self.ranked.items()}
+        return self.protocol.summarize(self, results)
+
+    @classmethod
+    def from_saved(cls, cfg: Config, features: Dict[str, Dict[str, object]],
+                   ranked: Dict[str, Sequence[str]]) -> "Evaluator":
+        """An evaluator over feature sets saved by :func:`save_features` (no model, no data set):
+        :meth:`summarize` gives the numbers of the run that saved them."""
+        ev = cls.__new__(cls)
+        ev.accelerator = ev.data = ev.transform = ev.tokenize = None
+        ev.cfg, ev.anchor, ev.qm, ev.gm, ev._loaders = cfg, canonical_modality(cfg.data.anchor_modality), None, None, {}
+        try:
+            ev.protocol = PROTOCOLS.get(cfg.eval.protocol)()
+        except KeyError as e:
+            raise ValueError(f"eval.protocol: {e.args[0]}") from None
+        missing = sorted({k for pair in ranked.values() for k in pair} - set(features))
+        if missing:
+            raise ValueError(f"the saved features lack the sets {missing} that were ranked")
+        ev.features = {n: FeatureSet(feat=torch.as_tensor(np.asarray(f["feat"])), pids=np.asarray(f["pids"]),
+                                     camids=np.asarray(f["camids"]), paths=list(f.get("paths", [])), samples=[],
+                                     modalities=[]) for n, f in features.items()}
+        ev.ranked = {n: (q, g) for n, (q, g) in ranked.items()}
+        ev.curves = {}
+        return ev
 
     def sides(self, model, loader, qm, gm, zero=(), camids=None) -> Tuple[FeatureSet, FeatureSet]:
         """Query and gallery feature sets of the test split (query and gallery modalities ``qm`` /
@@ -219,7 +253,13 @@ PROTOCOLS: Registry[type] = Registry("evaluation protocol")
 
 class Protocol:
     """Base class: rank the test split's query features against its gallery; ``camids`` says what a
-    match is filtered on (the camera here)."""
+    match is filtered on (the camera here).
+
+    A protocol computes feature sets and says which pairs to rank (:meth:`features`: fills
+    ``ev.features`` and ``ev.ranked``), then combines the rankings' results into the metrics
+    (:meth:`summarize`); the evaluator ranks in between. Saved features
+    (``run.py eval --features``) go through the same :meth:`summarize`.
+    """
 
     name = "market"
     #: ranks features of modality subsets (a fusion that needs every modality cannot run it)
@@ -238,11 +278,14 @@ class Protocol:
     def camids(samples: Sequence[Sample]) -> Optional[List[int]]:
         return None
 
-    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
+    def features(self, ev: "Evaluator", model) -> None:
         q, g = ev.sides(model, ev.test_loader(), ev.qm, ev.gm, camids=self.camids)
-        ev.features, ev.ranked = {"query": q, "gallery": g}, {"query": ("query", "gallery")}
-        result = ev.rank(q, g)
-        ev.curves = {"query": result["cmc"]}
+        ev.features.update(query=q, gallery=g)
+        ev.ranked["query"] = ("query", "gallery")
+
+    def summarize(self, ev: "Evaluator", results: Dict[str, Dict[str, object]]) -> Dict[str, object]:
+        result = dict(results["query"])
+        ev.curves["query"] = result["cmc"]
         result["protocol"] = ev.cfg.eval.protocol
         return result
 
@@ -277,18 +320,24 @@ class MissingProtocol(Protocol):
     name = "missing"
     partial_inputs = True
 
-    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
-        result = super().run(ev, model)
+    def features(self, ev: "Evaluator", model) -> None:
+        super().features(ev, model)
         data, e = ev.data, ev.cfg.eval
         loader = ev.test_loader()
-        cases = {}
         for removed, present in missing_cases(data.modalities):
             if e.missing_fill == "zeros":
                 zero = image_modalities(removed)
                 kept = [m for m in data.modalities if m not in removed or m in zero]
             else:
                 zero, kept = [], present
-            cases[case_name(removed)] = ev.rank(*ev.sides(model, loader, kept, kept, zero, self.camids))
+            name = case_name(removed)
+            q, g = ev.sides(model, loader, kept, kept, zero, self.camids)
+            ev.features.update({f"query:{name}": q, f"gallery:{name}": g})
+            ev.ranked[name] = (f"query:{name}", f"gallery:{name}")
+
+    def summarize(self, ev: "Evaluator", results: Dict[str, Dict[str, object]]) -> Dict[str, object]:
+        result = super().summarize(ev, results)
+        cases = {name: r for name, r in results.items() if name != "query"}
         cases["average"] = _mean(list(cases.values()))
         result["missing"] = {name: {k: c[k] for k in METRIC_KEYS} for name, c in cases.items()}
         return result
@@ -323,24 +372,25 @@ class ORBenchProtocol(Protocol):
         return {"+".join(c): (data.query, list(c)) for k in range(1, len(others) + 1)
                 for c in combinations(others, k)}
 
-    def run(self, ev: "Evaluator", model) -> Dict[str, object]:
+    def features(self, ev: "Evaluator", model) -> None:
         data, e, anchor = ev.data, ev.cfg.eval, ev.anchor
         shared = data.query_sets is None and data.shared_query_gallery
         # no camera filtering; when query and gallery are one split, only the identical capture is removed
         q_ids = lambda ss: list(range(len(ss))) if shared else [-1] * len(ss)  # noqa: E731
-        gallery_feat = extract_features(ev.accelerator, model, ev.loader("gallery", data.gallery, [anchor]), e.feat)
-        g = FeatureSet.of(gallery_feat, data.gallery, [anchor],
-                          list(range(len(data.gallery))) if shared else [0] * len(data.gallery))
-        ev.features, ev.ranked, ev.curves = {"gallery": g}, {}, {}
-        cases: Dict[str, Dict[str, object]] = {}
+        gallery_feat = extract_features(ev.accelerator, model, ev.loader("gallery", data.gallery, [anchor]), e.feat,
+                                        desc="gallery")
+        ev.features["gallery"] = FeatureSet.of(gallery_feat, data.gallery, [anchor],
+                                               list(range(len(data.gallery))) if shared else [0] * len(data.gallery))
         for name, (samples, mods) in self.query_sets(ev).items():
             loader = ev.loader(f"query:{name}", samples, mods)
-            qf = extract_features(ev.accelerator, model, loader, e.feat, mods)
-            q = FeatureSet.of(qf, samples, mods, q_ids(samples))
-            ev.features[f"query:{name}"] = q
+            qf = extract_features(ev.accelerator, model, loader, e.feat, mods, desc=f"query {name}")
+            ev.features[f"query:{name}"] = FeatureSet.of(qf, samples, mods, q_ids(samples))
             ev.ranked[name] = (f"query:{name}", "gallery")
-            cases[name] = ev.rank(q, g)
-            ev.curves[name] = cases[name]["cmc"]
+
+    def summarize(self, ev: "Evaluator", results: Dict[str, Dict[str, object]]) -> Dict[str, object]:
+        cases = dict(results)
+        for name, c in cases.items():
+            ev.curves[name] = c["cmc"]
         by_size: Dict[int, List[Dict[str, object]]] = {}
         for name, c in cases.items():
             by_size.setdefault(len(name.split("+")), []).append(c)
@@ -385,6 +435,17 @@ def save_features(path: str, features: Dict[str, FeatureSet], meta: Optional[Dic
             save_file(tensors, tmp, metadata=metadata)
     else:
         raise ValueError(f"--save-features {path}: use a .safetensors or .npz file name")
+
+
+def load_features_meta(path: str) -> Dict[str, object]:
+    """The ``meta`` :func:`save_features` wrote beside the sets (``{}`` if none)."""
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            return json.loads(str(z["meta"])) if "meta" in z.files else {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
 
 
 def load_features(path: str) -> Dict[str, Dict[str, object]]:

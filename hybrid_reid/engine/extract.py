@@ -11,6 +11,7 @@ from .. import modalities
 from ..config import Config
 from ..data import DataError, Sample, build_test_loader, canonical_modality, load_data
 from ..data.datasets import IMAGE_EXTENSIONS, paired_names
+from ..extractor import subset_problem
 from ..models import build_model, load_model_weights
 from .evaluator import FeatureSet, extract_features, save_features
 from .train import _cpu_only, _tokenizer, _transform, resolve_config
@@ -73,11 +74,14 @@ def extract_folder(cfg: Config, checkpoint: str, images: str, out: str, modality
                         "was not trained with")
     accelerator = Accelerator(cpu=_cpu_only())
     model = build_model(cfg.model, load_pretrained=False, modalities=model_mods, anchor=cfg.data.anchor_modality)
+    problem = subset_problem(model, mods)
+    if problem:
+        raise DataError(f"--images {images}: {problem}")
     load_model_weights(model, checkpoint, inference=True)
     loader = build_test_loader(samples, mods, _transform(cfg, model, train=False), cfg.data.test_batch_size,
                                cfg.data.num_workers, tokenize=_tokenizer(model))
     model, loader = accelerator.prepare(model, loader)
-    feats = extract_features(accelerator, model, loader, cfg.eval.feat, mods)
+    feats = extract_features(accelerator, model, loader, cfg.eval.feat, mods, desc="extract")
     if accelerator.is_main_process:
         save_features(out, {"images": FeatureSet.of(feats, samples, mods)},
                       {"checkpoint": os.path.abspath(checkpoint), "modalities": mods, "feat": cfg.eval.feat})

@@ -26,25 +26,27 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
-from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, OptimConfig, TrainConfig, load_config, to_dict
+from ..config.schema import TRACKERS
 from ..data import PairedTransform, ReIDData, build_train_loader, load_data
 from ..losses import build_criterion
 from ..models import CheckpointError, ReIDModel, build_model, load_model_weights
 from ..models.model import group_learning_rates
 from ..models.sync_bn import convert_sync_batchnorm
-from ..utils import atomic_path, write_atomic
+from ..pretrained import save_pretrained, write_model_card
+from ..utils import require_packages, write_atomic
 from .evaluator import METRIC_KEYS, Evaluator, metrics_table, save_features
 from .state import (
     CHECKPOINT_PREFIX,
@@ -176,7 +178,7 @@ def apply_determinism(enabled: bool) -> None:
 
 # Keys a resumed run may change: they cannot change the weights or the numbers the run reports.
 RESUME_SAFE_KEYS = ("data.num_workers", "data.test_batch_size", "data.cache_images", "train.eval_every",
-                    "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "output_dir",
+                    "train.log_every", "train.keep_checkpoints", "train.max_bad_steps", "train.log_with", "output_dir",
                     "eval.chunk_size", "debug.pause_after_step")
 
 
@@ -328,13 +330,21 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def _trackers() -> Optional[str]:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:  # accelerate would drop the tracker silently; say so
-        logger.warning("tensorboard is not installed; logging to log.jsonl / log.csv only")
-        return None
-    return "tensorboard"
+def _trackers(cfg: Config) -> List[str]:
+    """Accelerate's trackers of ``train.log_with`` (``csv`` is the run's own ``log.csv``).
+
+    Raises:
+        MissingPackageError: a tracker's package is not installed (before anything is written)."""
+    wanted = [t for t in cfg.train.log_with if t != "csv"]
+    require_packages(f"train.log_with={cfg.train.log_with}", {TRACKERS[t]: TRACKERS[t] for t in wanted})
+    return wanted
+
+
+def tracker_config(cfg: Config) -> Dict[str, object]:
+    """The resolved config as flat hyper-parameters (``model.towers.clip.arch``: ...); values a
+    tracker cannot hold as they are (lists, None) as strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+            for k, v in _flatten(to_dict(cfg)).items()}
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -360,7 +370,7 @@ def train(cfg: Config, resume: Optional[str] = None, allow_config_change: bool =
     apply_determinism(cfg.train.deterministic)
     # train.compile: Accelerate compiles the model last, after the DDP wrapper (None: the launcher's choice)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=_trackers(),
+                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=_trackers(cfg) or None,
                               project_dir=cfg.output_dir, step_scheduler_with_optimizer=False, cpu=_cpu_only(),
                               dynamo_backend="inductor" if cfg.train.compile else None)
     created = not os.path.exists(cfg.output_dir)
@@ -452,7 +462,13 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
         run_log.start(progress.epoch)
         write_atomic(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if accelerator.log_with:
-        accelerator.init_trackers("tensorboard")
+        if accelerator.is_main_process:  # TensorBoard's events stay in OUTPUT_DIR/tensorboard (not .../<project>)
+            from accelerate.tracking import TensorBoardTracker
+
+            accelerator.log_with = [TensorBoardTracker("tensorboard", cfg.output_dir) if str(t) == "tensorboard"
+                                    else t for t in accelerator.log_with]
+        name = os.path.basename(os.path.normpath(cfg.output_dir)) or "hybrid_reid"  # the project in wandb, mlflow ...
+        accelerator.init_trackers(name, config=tracker_config(cfg), init_kwargs={"wandb": {"dir": cfg.output_dir}})
     nan_steps = set(cfg.debug.nan_at_steps)
     max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     device = accelerator.device
@@ -535,15 +551,23 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
     if metrics is None:  # epochs == 0, or resumed from the last checkpoint
         metrics = evaluator.run(model)
     result: Dict[str, object] = {}
-    if main:
-        state = {k: v.contiguous() for k, v in _unwrap(accelerator, model).state_dict().items()}
-        with atomic_path(os.path.join(cfg.output_dir, "model.safetensors")) as tmp:
-            save_file(state, tmp)
+    if main:  # the output folder is a model folder: weights with metadata, config.yaml, then the card
+        plain = _unwrap(accelerator, model)
+        save_pretrained(plain, cfg.output_dir, cfg)
         result = report_metrics(cfg, data, accelerator, metrics, t_start, epoch=progress.epoch, steps=progress.step,
                                 skipped_steps=progress.skipped, params=num_params)
+        write_model_card(cfg.output_dir, cfg, plain, result, _command())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _command() -> List[str]:
+    """The command line of this process, as a user would type it again."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("cli.py", "__main__.py")):
+        argv[0] = "-m hybrid_reid.cli"
+    return ["python", *argv] if argv and not os.path.basename(argv[0]).startswith("hybrid-reid") else argv
 
 
 def _unwrap(accelerator: Accelerator, model: torch.nn.Module) -> ReIDModel:
@@ -620,10 +644,46 @@ def evaluate(cfg: Config, checkpoint: str, save_features_to: Optional[str] = Non
         result = report_metrics(cfg, data, accelerator, metrics, t_start, path=out,
                                 checkpoint=os.path.abspath(checkpoint), params=params)
         if save_features_to:
-            save_features(save_features_to, evaluator.features,
-                          {"checkpoint": os.path.abspath(checkpoint), "protocol": cfg.eval.protocol})
+            save_features(save_features_to, evaluator.features, saved_meta(cfg, evaluator, checkpoint))
             logger.info("features -> %s", save_features_to)
     accelerator.wait_for_everyone()
+    return result
+
+
+def saved_meta(cfg: Config, evaluator: Evaluator, checkpoint: str) -> Dict[str, object]:
+    """What ``run.py eval --features`` needs besides the feature sets to give the same numbers."""
+    return {"checkpoint": os.path.abspath(checkpoint), "protocol": cfg.eval.protocol, "dataset": cfg.data.name,
+            "modalities": list(cfg.data.modalities), "anchor_modality": cfg.data.anchor_modality,
+            "eval": to_dict(cfg.eval), "ranked": {n: list(p) for n, p in evaluator.ranked.items()}}
+
+
+def evaluate_saved(path: str, overrides: Sequence[str] = (), config: Optional[str] = None,
+                   out: Optional[str] = None) -> Dict[str, object]:
+    """The metrics of feature sets saved by ``run.py eval --save-features`` (no model, no images):
+    the same numbers as the run that saved them, under its ``eval`` settings unless ``config`` /
+    ``overrides`` change them (e.g. ``eval.rerank=true``). Writes ``out`` (default
+    ``<features>.metrics.json``)."""
+    from ..config.schema import config_from_dict
+    from .evaluator import load_features, load_features_meta
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--features {path}: no such file (write one with run.py eval --save-features)")
+    features, meta = load_features(path), load_features_meta(path)
+    if "ranked" not in meta or "eval" not in meta:
+        raise ValueError(f"{path}: no ranking record in the file (saved by an older version?); save the features "
+                         "again with run.py eval --save-features")
+    base = {"data": {"name": meta.get("dataset", "rgbnt201"), "modalities": meta.get("modalities", ["rgb"]),
+                     "anchor_modality": meta.get("anchor_modality", "rgb")}, "eval": meta["eval"]}
+    if config:
+        cfg = load_config(config, list(overrides))
+    else:
+        cfg = config_from_dict(base, list(overrides))
+    evaluator = Evaluator.from_saved(cfg, features, meta["ranked"])
+    metrics = evaluator.summarize()
+    out = out or os.path.splitext(path)[0] + ".metrics.json"
+    result = write_metrics(out, metrics, {"features": os.path.abspath(path), "dataset": cfg.data.name,
+                                          "checkpoint": meta.get("checkpoint")})
+    print(metrics_table(result), flush=True)
     return result
 
 

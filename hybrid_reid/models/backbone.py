@@ -129,13 +129,14 @@ class CameraViewEmbedding(nn.Module):
 
         The range check never stalls a GPU and never breaks a compiled graph: on CPU tensors it is an
         exact Python check with a clear message; on an accelerator it is an asynchronous device
-        assert; while ``torch.compile`` / ``torch.export`` trace, it is left to the data boundary (the
-        engine sizes the table from the data set's cameras, so its ids always fit)."""
+        assert; while ``torch.compile``, ``torch.export``, ONNX export or TorchScript tracing record a
+        graph, it is left out (the engine sizes the table from the data set's cameras, so its ids always fit,
+        and an exported graph holds no Python check)."""
         if ids is None:
             raise ValueError(f"this backbone has a {what} embedding (num_{what}s={n}): pass {what}_ids, "
                              f"or build it with num_{what}s=0")
         ids = torch.as_tensor(ids).long()
-        if torch.compiler.is_compiling():
+        if tracing():
             return ids
         msg = (f"{what} id out of range: the embedding has num_{what}s={n} (ids are 0-based, 0..{n - 1}); set "
                f"model.num_{what}s to the data set's count")
@@ -157,6 +158,13 @@ class CameraViewEmbedding(nn.Module):
         else:
             row = self._check(view_ids, self.num_views, "view")
         return self.coef * self.table[row.to(self.table.device)]
+
+
+def tracing() -> bool:
+    """Whether a graph is being recorded (``torch.compile``, ``torch.export``, ONNX export, TorchScript
+    tracing): data-dependent Python checks are left out of the graph then."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (hasattr(torch.compiler, "is_exporting") and torch.compiler.is_exporting()))
 
 
 # ---------------------------------------------------------------------------------------- backbone

@@ -274,6 +274,11 @@ def load_model_weights(model: nn.Module, path: Union[str, os.PathLike], inferenc
             _logger.info("%s: %s", path, note)
     own = model.state_dict()
     if inference:
+        # a test feature never uses an ID classifier: one of another size, or one the model was built
+        # without (model.num_classes: 0, as from_pretrained builds it), is left out
+        unbuilt = [k for k in sd if k.endswith(CLASSIFIER_SUFFIX) and k not in own]
+        for k in unbuilt:
+            sd.pop(k)
         skipped = {k: sd[k].shape[0] for k in sd
                    if k.endswith(CLASSIFIER_SUFFIX) and k in own and sd[k].shape != own[k].shape}
         for k in skipped:

@@ -182,6 +182,8 @@ class ModalityFusion(nn.Module):
             space (``EncoderOutput.projected``).
         handles_missing: the fusion works on any non-empty subset of its modalities (queries of one
             modality, the missing-modality protocol); a fusion that cannot says so at config time.
+        subset_features: a subset's feature stands on its own (see below); False for a fusion that
+            fills the absent modalities' part with a constant, as ``concat`` does.
 
     Args:
         modalities: the model's modalities, in order.
@@ -191,6 +193,10 @@ class ModalityFusion(nn.Module):
 
     needs_tokens: bool = False
     handles_missing: bool = True
+    #: a feature of some modalities is a feature of those modalities alone (``mean``), not the full
+    #: feature with the absent ones' part left constant (``concat``'s zeros): the feature extractor
+    #: and ``run.py extract`` refuse modality subsets of a fusion without it
+    subset_features: bool = True
 
     def __init__(self, modalities: Sequence[str], dim: int, towers: Optional[Dict[str, TowerInfo]] = None) -> None:
         super().__init__()
@@ -222,7 +228,10 @@ class ModalityFusion(nn.Module):
 @MODALITY_FUSIONS.register("concat")
 class ModalityConcat(ModalityFusion):
     """Concatenate in the fixed modality order (TOP-ReID / MambaPro): ``[B, M*F]``; a modality
-    absent from the batch contributes zeros, so the width never changes."""
+    absent from the batch contributes zeros, so the width never changes (the missing-modality
+    protocol's convention; such a feature is not one of the present modalities alone)."""
+
+    subset_features = False
 
     @property
     def out_dim(self) -> int:

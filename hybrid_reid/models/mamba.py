@@ -229,6 +229,7 @@ class MambaFusion(ModalityFusion):
 
     needs_tokens = True
     handles_missing = False
+    subset_features = False
 
     def __init__(self, modalities: Sequence[str], dim: int, towers: Optional[Dict[str, TowerInfo]] = None,
                  layers: int = 2, d_state: int = 16, expand: int = 2, dt_rank: Optional[int] = None,

@@ -265,6 +265,27 @@ class ReIDModel(nn.Module):
     def modalities(self) -> List[str]:
         return self.modality_fusion.modalities
 
+    def save_pretrained(self, directory: str, config=None, metrics=None, command=None) -> str:
+        """Write a self-contained model folder (weights with metadata, ``config.yaml``, a model card;
+        :mod:`hybrid_reid.pretrained`). ``config``: the resolved :class:`~hybrid_reid.Config` the
+        model was built from (default: the one it was loaded or trained with, ``self.run_config``)."""
+        from ..pretrained import save_pretrained
+
+        config = config if config is not None else getattr(self, "run_config", None)
+        if config is None:
+            raise ValueError("save_pretrained needs the model's config: pass config=<the Config it was built from> "
+                             "(a model from from_pretrained or a training run carries it)")
+        return save_pretrained(self, directory, config, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device: Optional[str] = None,
+                        overrides: Sequence[str] = ()) -> "ReIDModel":
+        """The model of a model folder or a finished run's ``output_dir``, in eval mode, offline, without
+        ID classifiers and without the data set (its config as ``.run_config``)."""
+        from ..pretrained import load_pretrained
+
+        return load_pretrained(directory, device, overrides)[0]
+
     def forward(self, images: Union[torch.Tensor, Dict[str, torch.Tensor]], cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
         """images: {modality: [B,3,H,W]} (any non-empty subset of ``self.modalities``; ``text`` as token
