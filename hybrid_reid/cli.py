@@ -205,12 +205,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(ids=args.ids, cams=args.cams, images_per_cam=args.images_per_cam,
                      test_fraction=args.test_fraction, seed=args.seed, size=(args.height, args.width))
     path = generate(args.out, spec, overwrite=args.force, layout=args.layout)
-    extra = {"market1501": " data.modalities=[rgb]", "msvr310": " eval.protocol=msvr310",
+    extra = {"market1501": " data.modalities=[rgb]", "msmt17": " data.modalities=[rgb]",
+             "veri776": " data.modalities=[rgb]", "msvr310": " eval.protocol=msvr310",
              "orbench": " data.modalities=[rgb,nir,cpencil,sketch,text] model.modality_fusion=mean "
                         "eval.protocol=orbench"}.get(args.layout, "")
+    root = path if args.layout in ("folder", "manifest") else args.out  # your own data: data.root is the set itself
     print(f"wrote {path} ({spec.ids - spec.num_test} train / {spec.num_test} test identities, {spec.cams} cameras, "
           f"{spec.images_per_cam} images per identity and camera); use it with data.name={args.layout} "
-          f"data.root={args.out}{extra}")
+          f"data.root={root}{extra}")
     return 0
 
 
@@ -316,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--height", type=int, default=128)
     sy.add_argument("--width", type=int, default=64)
     sy.add_argument("--layout", default="rgbnt201", choices=list(LAYOUTS),
-                    help="the release layout to write (rgbnt201: RGB+NIR+TIR+captions; market1501: RGB; "
-                         "rgbnt100: RGB|NI|TI in one jpg; msvr310: vis/ni/th with scenes; orbench: "
-                         "vis/nir/cp/sk + captions and query sets)")
+                    help="the release layout to write (rgbnt201: RGB+NIR+TIR+captions; market1501, msmt17, "
+                         "veri776: RGB; rgbnt100: RGB|NI|TI in one jpg; msvr310: vis/ni/th with scenes; orbench: "
+                         "vis/nir/cp/sk + captions and query sets; folder: <split>/<modality>/<pid>/ folders; "
+                         "manifest: images + manifest.csv)")
     sy.add_argument("--force", action="store_true", help="replace an existing set")
     sy.set_defaults(func=cmd_synth)
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from ..data.datasets import DEFAULT_CAMERA_PATTERN
 from ..data.synth import SynthSpec
 from .core import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, resolve_config_path
 
@@ -311,7 +312,8 @@ class DataConfig:
     """Data set, modalities, batching and augmentation.
 
     Attributes:
-        name: registered data set (``rgbnt201``, ``synthetic``).
+        name: registered data set (``rgbnt201``, ``synthetic``, ``market1501``, ``msmt17``, ``veri776``,
+            ``folder``, ``manifest`` ...).
         root: the folder that contains the data set's folder (``RGBNT201/``); for ``synthetic``,
             null = a cache folder (``$HYBRID_REID_CACHE``, default ``~/.cache/hybrid_reid``).
         modalities: input modalities, in fusion order (aliases such as ``ni``, ``ti`` accepted).
@@ -326,8 +328,14 @@ class DataConfig:
         anchor_modality: the modality the others are aligned to (SDM, CLIP consistency) and the
             gallery of the ``orbench`` protocol (default ``rgb``).
         modality_dirs: ``{modality: folder}`` added to (or overriding) the data set's own modality
-            folders, for a modality declared in the config's ``modalities:`` section (RGBNT201-style
-            and MSVR310 layouts), e.g. ``{depth: Depth}``.
+            folders, for a modality declared in the config's ``modalities:`` section (RGBNT201-style,
+            MSVR310 and ``folder`` layouts), e.g. ``{depth: Depth}``.
+        camera_pattern: ``folder`` only: a regular expression with a named group ``camera``, searched
+            in each file's stem, for the files ``ROOT/cameras.csv`` does not list (default: ``c3``,
+            ``c003`` or ``cam3`` at the start of the name or after ``_``).
+        manifest: ``manifest`` only: the CSV / JSON-lines file (a relative path is read against
+            ``root``); null = ``root/manifest.csv`` (else ``manifest.jsonl``). The image paths in its
+            rows are relative to the manifest's own folder.
     """
 
     name: str = "rgbnt201"
@@ -344,8 +352,17 @@ class DataConfig:
     synth: SynthSpec = field(default_factory=SynthSpec)
     anchor_modality: str = "rgb"
     modality_dirs: Dict[str, str] = field(default_factory=dict)
+    camera_pattern: str = DEFAULT_CAMERA_PATTERN
+    manifest: Optional[str] = None
 
     def __post_init__(self) -> None:
+        try:
+            groups = re.compile(self.camera_pattern).groupindex
+        except re.error as e:
+            raise ValueError(f"data.camera_pattern={self.camera_pattern!r} is not a regular expression: {e}") from None
+        if "camera" not in groups:
+            raise ValueError(f"data.camera_pattern={self.camera_pattern!r} has no named group (?P<camera>...); e.g. "
+                             f"{DEFAULT_CAMERA_PATTERN!r}")
         if not self.modalities:
             raise ValueError("data.modalities is empty; list at least one (e.g. [rgb, nir, tir])")
         if len(set(self.modalities)) != len(self.modalities):

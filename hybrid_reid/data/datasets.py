@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -64,6 +64,9 @@ class Sample(NamedTuple):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+#: ``data.camera_pattern``'s default (the ``folder`` data set): ``c3``, ``c003`` or ``cam3`` at the start
+#: of the file name or after an ``_`` (Market-1501, VeRi-776 and RGBNT201 names).
+DEFAULT_CAMERA_PATTERN = r"(?:^|_)c(?:am)?(?P<camera>\d+)"
 
 
 def open_image(path: str, crop: Optional[Tuple[int, int]] = None) -> Image.Image:
@@ -182,6 +185,49 @@ def relabel(samples: List[Sample]) -> List[Sample]:
     """Map pids to 0..N-1 in sorted order (training labels)."""
     pid2label = {p: i for i, p in enumerate(sorted({s.pid for s in samples}))}
     return [s._replace(pid=pid2label[s.pid]) for s in samples]
+
+
+def number_labels(labels: Iterable[str]) -> Dict[str, int]:
+    """Labels (camera names, identity folder names ...) -> 0..N-1 in sorted order: numerically when
+    every label is an integer (``1``..``6`` -> 0..5; ``007`` and ``7`` are the same), else as strings."""
+    labels = set(labels)
+    if all(re.fullmatch(r"-?\d+", x) for x in labels):
+        index = {v: i for i, v in enumerate(sorted({int(x) for x in labels}))}
+        return {x: index[int(x)] for x in labels}
+    return {x: i for i, x in enumerate(sorted(labels))}
+
+
+class Problems:
+    """Problems found in one file or folder, collected so that they are reported all at once (one
+    :class:`DataError`) instead of one per run.
+
+    Args:
+        where: the file or folder, as the message names it.
+        fix: what to do, appended to the message's first line.
+    """
+
+    max_shown = 200
+
+    def __init__(self, where: str, fix: str) -> None:
+        self.where, self.fix = where, fix
+        self.items: List[Tuple[Optional[int], str]] = []
+
+    def add(self, message: str, line: Optional[int] = None) -> None:
+        self.items.append((line, message))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        items = sorted(self.items, key=lambda x: (x[0] is None, x[0] or 0))  # by line; stable
+        lines = {x[0] for x in items if x[0] is not None}
+        count = f"{len(items)} problem(s)" + (f" on {len(lines)} line(s)" if lines else "")
+        shown = [f"  line {n}: {m}" if n is not None else f"  {m}" for n, m in items[:self.max_shown]]
+        if len(items) > self.max_shown:
+            shown.append(f"  ... and {len(items) - self.max_shown} more")
+        raise DataError("\n".join([f"{self.where}: {count}; nothing was loaded ({self.fix}):", *shown]))
 
 
 @DATASETS.register("rgbnt201")
@@ -630,6 +676,121 @@ class Market1501:
                 for path, pid, cam in market_files(base, split, cls.pattern, "Market-1501", "<pid>_c<cam>s*.jpg")]
 
 
+def rgb_only(name: str, modalities_: Sequence[str]) -> List[str]:
+    """``data.modalities`` of a single-modality (RGB) data set: ``[rgb]`` (or an alias), else an error."""
+    mods = [canonical_modality(m) for m in modalities_]
+    if mods != ["rgb"]:
+        raise DataError(f"{name} has only the rgb modality; set data.modalities=[rgb] (got {mods})")
+    return mods
+
+
+@DATASETS.register("msmt17")
+class MSMT17:
+    """MSMT17 as released: ``MSMT17_V1/{train,test}/<pid:04d>/<name>.jpg`` and ``list_train.txt``,
+    ``list_val.txt``, ``list_query.txt``, ``list_gallery.txt`` (``MSMT17_V2``: the images in
+    ``mask_train_v2/`` and ``mask_test_v2/``). RGB only.
+
+    A list line is ``<path under train/ or test/> <pid>`` (``0000/0000_000_01_0303morning_0015_0.jpg
+    0``); the camera is the name's third ``_`` field minus 1 (``01`` -> 0; 15 cameras), the pid is the
+    listed one (training pids relabelled), as torchreid and fast-reid read it. **Training uses
+    list_train + list_val** (32,621 images of 1,041 identities), as TransReID and CLIP-ReID train on
+    MSMT17; torchreid and fast-reid add list_val only with ``combineall``. query / gallery: the two
+    test lists. ``data.root`` is the folder that holds ``MSMT17_V1/`` (or ``MSMT17_V2/``,
+    ``msmt17/MSMT17_V1/``, ``MSMT17/``), or that folder itself. Every malformed list line and
+    every listed image that is missing is reported at once, with its line number.
+    """
+
+    candidates = ("MSMT17_V1", "MSMT17_V2", os.path.join("msmt17", "MSMT17_V1"), os.path.join("msmt17", "MSMT17_V2"),
+                  "MSMT17", "msmt17", "")
+    image_dirs = {"train": ("train", "mask_train_v2"), "test": ("test", "mask_test_v2")}
+    lists = {"train": ("train", ("list_train.txt", "list_val.txt")), "query": ("test", ("list_query.txt",)),
+             "gallery": ("test", ("list_gallery.txt",))}
+
+    @classmethod
+    def from_config(cls, cfg) -> ReIDData:
+        return cls.load(cfg.root, cfg.modalities)
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str]) -> ReIDData:
+        mods = rgb_only("msmt17", modalities)
+        base = find_base(root, cls.candidates, "list_train.txt", "MSMT17",
+                         "extract MSMT17_V1.tar.gz (or V2) there, so that MSMT17_V1/list_train.txt exists")
+        dirs = {}
+        for part, names in cls.image_dirs.items():
+            d = next((os.path.join(base, n) for n in names if os.path.isdir(os.path.join(base, n))), None)
+            if d is None:
+                raise DataError(f"{base} has no {' or '.join(names)}/ folder: the {part} images of MSMT17 are missing")
+            dirs[part] = d
+        splits = {}
+        for split, (part, files) in cls.lists.items():
+            splits[split] = [s for f in files for s in cls._read_list(os.path.join(base, f), dirs[part])]
+        train, query, gallery = relabel(splits["train"]), splits["query"], splits["gallery"]
+        for ss in (train, query, gallery):
+            check_readable(ss)
+        num_cams = max(s.camid for s in train + query + gallery) + 1
+        return ReIDData(train, query, gallery, mods, num_cams, name="msmt17")
+
+    @staticmethod
+    def _read_list(path: str, image_dir: str) -> List[Sample]:
+        """The samples of one list file; every bad line is reported at once."""
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing; MSMT17 ships list_train.txt, list_val.txt, list_query.txt and "
+                            "list_gallery.txt beside train/ and test/")
+        problems = Problems(path, "each line is '<pid:04d>/<name>.jpg <pid>', the camera the name's third _ field")
+        samples = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    rel, pid = parts[0], int(parts[1])
+                    cam = int(os.path.basename(rel).split("_")[2]) - 1
+                    if len(parts) != 2 or cam < 0:
+                        raise ValueError
+                except (ValueError, IndexError):
+                    problems.add(f"cannot read {line.strip()!r}", n)
+                    continue
+                image = os.path.join(image_dir, rel)
+                if not os.path.isfile(image):
+                    problems.add(f"{image} does not exist", n)
+                    continue
+                samples.append(Sample({"rgb": image}, pid, cam))
+        problems.raise_if_any()
+        if not samples:
+            raise DataError(f"{path} lists no images")
+        return samples
+
+
+@DATASETS.register("veri776")
+class VeRi776(SplitFolders):
+    """VeRi-776 (vehicles): ``VeRi/{image_train,image_query,image_test}/<vid:04d>_c<cam:03d>_<frame>_<n>.jpg``.
+
+    RGB only; camera = the number after ``c`` minus 1 (20 cameras), training ids relabelled, as
+    torchreid, fast-reid and TransReID read it (``veri/`` and ``VeRi-776/`` are accepted too). Its
+    standard protocol is the ``market`` one: gallery images of the query's vehicle taken by the
+    query's camera are removed.
+    """
+
+    name, folder = "veri776", "VeRi"
+    candidates = ("VeRi", "veri", "VeRi-776", "")
+    splits = ("image_train", "image_query", "image_test")
+    available = ("rgb",)
+    pattern = re.compile(r"([-\d]+)_c(\d+)")
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None
+             ) -> ReIDData:
+        return super().load(root, rgb_only(cls.name, modalities), modality_dirs)
+
+    @classmethod
+    def _read(cls, base: str, split: str, mods: List[str], dirs: Dict[str, str]) -> List[Sample]:
+        if not os.path.isdir(os.path.join(base, split)):
+            raise DataError(f"{os.path.join(base, split)} is missing; VeRi has {', '.join(cls.splits)}")
+        return [Sample({"rgb": path}, pid, cam - 1)
+                for path, pid, cam in market_files(base, split, cls.pattern, "VeRi", "<vid>_c<cam>_*.jpg")]
+
+
 def default_cache_dir() -> str:
     return os.environ.get("HYBRID_REID_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybrid_reid"))
 
@@ -660,6 +821,10 @@ class Synthetic(RGBNT201):
         return super().load(root, modalities, modality_dirs)
 
 
+#: ``data.*`` keys only some data sets read (their ``config_keys``), with the value that means "not set"
+OWN_KEYS = {"manifest": None, "camera_pattern": DEFAULT_CAMERA_PATTERN}
+
+
 def load_data(cfg) -> ReIDData:
     """The data set the ``data`` config section names, checked (see :class:`DataError`)."""
     try:
@@ -669,4 +834,10 @@ def load_data(cfg) -> ReIDData:
     if getattr(cfg, "modality_dirs", None) and not getattr(cls, "extensible_modalities", False):
         raise DataError(f"data.modality_dirs: {cfg.name} does not keep its modalities in folders; it cannot take "
                         f"{sorted(cfg.modality_dirs)}")
+    for key, default in OWN_KEYS.items():  # a key another data set reads would be ignored here: say so
+        value = getattr(cfg, key, default)
+        if value != default and key not in getattr(cls, "config_keys", ()):
+            owners = [n for n in DATASETS.names() if key in getattr(DATASETS.get(n), "config_keys", ())]
+            raise DataError(f"data.{key}={value!r} is read only by data.name={' / '.join(owners)}; {cfg.name} "
+                            f"ignores it: remove it (or set data.name)")
     return cls.from_config(cfg)

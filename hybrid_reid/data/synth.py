@@ -26,6 +26,7 @@ lightness and the fabric's stripes; never the heat pattern.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -163,7 +164,8 @@ def _render(codes, build, cam, jitter, size, rng, drawings: bool = False) -> Tup
 
 
 LAYOUTS = {"rgbnt201": "RGBNT201", "market1501": "Market-1501-v15.09.15", "rgbnt100": "RGBNT100",
-           "msvr310": "MSVR310", "orbench": "ORBench"}
+           "msvr310": "MSVR310", "orbench": "ORBench", "msmt17": "MSMT17_V1", "veri776": "VeRi",
+           "folder": "folder", "manifest": "manifest"}
 # The 32 ordered query sets of ORBench's test_gallery_and_queries.json, as the benchmark defines them
 # (read off the ReID5o authors' reader): 4 single, 12 ordered pairs, 12 ordered triples, 4 quadruples.
 # An entry is [pid, one item per modality of the key, in the key's order]; TEXT is the caption.
@@ -195,6 +197,18 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
             * ``msvr310``: ``MSVR310/<split>/<vid>/{vis,ni,th}/``; capture ``k`` of every camera is
               scene ``k + 1``; the first capture of camera 0 is each test identity's query
               (``query3``), everything else the gallery, so the same-scene rule matters;
+            * ``msmt17``: ``MSMT17_V1/{train,test}/<pid:04d>/<pid:04d>_<n:03d>_<cam:02d>_0303morning_<k:04d>_0.jpg``,
+              RGB only, training and test identities numbered from 0 each (as released), and
+              ``list_{train,val,query,gallery}.txt`` (``<pid:04d>/<name> <pid>``): the first capture
+              of camera 1 of every training identity is in list_val, the first of every test
+              identity and camera in list_query;
+            * ``veri776``: ``VeRi/{image_train,image_query,image_test}/<vid:04d>_c<cam:03d>_<k:08d>_0.jpg``,
+              RGB only, queries as for market1501;
+            * ``folder``: ``folder/{train,query,gallery}/{rgb,nir,tir}/<pid:04d>/<pid:04d>_c<cam>_<k:02d>.jpg``
+              (the ``folder`` data set: ``data.root`` = ``OUT/folder``), queries as for market1501;
+            * ``manifest``: ``manifest/images/{rgb,nir,tir}/<pid:04d>_c<cam>_<k:02d>.jpg`` and
+              ``manifest/manifest.csv`` (``split,pid,camera,rgb,nir,tir,text``; paths relative to
+              it, cameras numbered from 1, the caption in ``text``), queries as for market1501;
             * ``orbench``: ``ORBench/{vis,nir,cp,sk}/<id:04d>/`` with colour-pencil drawings (the
               RGB code) and sketches (the NIR code), in the benchmark's structure: training
               identities numbered 1..N (``train_annos.json`` with captions; the ReID5o reader
@@ -224,6 +238,9 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
     # ORBench numbers identities 1..N in training, the test identities after them; others pid + 1
     order = sorted(range(spec.ids), key=lambda p: (p in test_ids, p)) if layout == "orbench" else range(spec.ids)
     number = {pid: i + 1 for i, pid in enumerate(order)}
+    if layout == "msmt17":  # MSMT17 numbers its training and its test identities from 0 each
+        for ids in (sorted(set(range(spec.ids)) - test_ids), sorted(test_ids)):
+            number.update({pid: i for i, pid in enumerate(ids)})
     tmp = tempfile.mkdtemp(dir=out, prefix=f".tmp-{folder}-")
     try:
         for pid in range(spec.ids):
@@ -237,6 +254,8 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
                         Image.fromarray(img).save(os.path.join(tmp, path), quality=92)
         if layout == "orbench":
             _orbench_annotations(tmp, spec, codes, test_ids, number)
+        if layout in ("msmt17", "manifest"):
+            _index_files(layout, tmp, spec, codes, test_ids, number)
         if layout == "market1501":  # what the real gallery also holds: junk (-1) and distractors (0)
             for j, pid in enumerate((-1, -1, 0, 0)):
                 noise = rng.uniform(0, 255, (*spec.size, 3)).astype(np.uint8)
@@ -274,6 +293,19 @@ def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images, n
         name = f"{pid + 1:04d}_s{k + 1:03d}_v{cam}_{k:03d}.jpg"
         return [(os.path.join(split, f"{pid + 1:04d}", d, name), img)
                 for d, img in zip(("vis", "ni", "th"), images)]
+    if layout == "msmt17":
+        part = "test" if test else "train"
+        name = f"{number:04d}_{cam * 100 + k:03d}_{cam + 1:02d}_0303morning_{k:04d}_0.jpg"
+        return [(os.path.join(part, f"{number:04d}", name), images[0])]
+    if layout == "veri776":
+        split = ("image_query" if k == 0 else "image_test") if test else "image_train"
+        return [(os.path.join(split, f"{pid + 1:04d}_c{cam + 1:03d}_{k:08d}_0.jpg"), images[0])]
+    if layout in ("folder", "manifest"):
+        split = ("query" if k == 0 else "gallery") if test else "train"
+        name = f"{pid + 1:04d}_c{cam + 1}_{k:02d}.jpg"
+        if layout == "manifest":
+            return [(os.path.join("images", d, name), img) for d, img in zip(("rgb", "nir", "tir"), images)]
+        return [(os.path.join(split, d, f"{pid + 1:04d}", name), img) for d, img in zip(("rgb", "nir", "tir"), images)]
     if layout == "orbench":
         name = f"{number:04d}_{cam}_{k:02d}.jpg"
         return [(os.path.join(d, f"{number:04d}", name), img)
@@ -281,6 +313,31 @@ def _layout_files(layout: str, pid: int, cam: int, k: int, test: bool, images, n
     split = "test" if test else "train_171"
     name = f"{pid + 1:06d}_cam{cam + 1}_{k:02d}.jpg"
     return [(os.path.join(split, d, name), img) for d, img in zip(MODALITY_DIRS, images)]
+
+
+def _index_files(layout: str, tmp: str, spec: SynthSpec, codes: np.ndarray, test_ids, number) -> None:
+    """The files that index the images of ``layout`` in ``tmp``: MSMT17's four lists, or the manifest."""
+    rows = []  # (split, pid, cam, k): every sample, in the order they were rendered
+    for pid in range(spec.ids):
+        for c in range(spec.cams):
+            for k in range(spec.images_per_cam):
+                test = pid in test_ids
+                split = ("query" if k == 0 else "gallery") if test else ("val" if c == 0 and k == 0 else "train")
+                rows.append((split, pid, c, k))
+    if layout == "msmt17":
+        for split in ("train", "val", "query", "gallery"):
+            with open(os.path.join(tmp, f"list_{split}.txt"), "w") as f:
+                for _, pid, c, k in (r for r in rows if r[0] == split):
+                    path = _layout_files(layout, pid, c, k, pid in test_ids, [None], number[pid])[0][0]
+                    f.write(f"{path.split(os.sep, 1)[1].replace(os.sep, '/')} {number[pid]}\n")
+        return
+    with open(os.path.join(tmp, "manifest.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "pid", "camera", "rgb", "nir", "tir", "text"])
+        for split, pid, c, k in rows:
+            name = f"{pid + 1:04d}_c{c + 1}_{k:02d}.jpg"
+            writer.writerow(["train" if split == "val" else split, pid + 1, c + 1,
+                             *[f"images/{d}/{name}" for d in ("rgb", "nir", "tir")], caption(codes[pid])])
 
 
 def _orbench_annotations(tmp: str, spec: SynthSpec, codes: np.ndarray, test_ids, number) -> None:
