@@ -1,12 +1,13 @@
 """The README's examples run as written, and the numbers it quotes are the ones the code produces."""
 import os
 import re
+import textwrap
 
 import pytest
 from conftest import ROOT, run_python
 
 README = open(os.path.join(ROOT, "README.md")).read()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+BLOCKS = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)]  # some sit in a list
 
 
 def test_readme_has_examples():
