@@ -459,3 +459,20 @@ def test_info_counts_equal_the_papers(capsys):
     assert lines["total"][0] == "98,798,080"
     lines = info_lines(capsys, "--config", CONFIG["vit"], "model.num_classes=171", "model.num_cams=4")
     assert lines["total"][:2] == ["113,529,600", "113,521,920"]  # their ViT build, exactly
+
+
+@pytest.mark.parametrize("tower", ["clip", "vit"])
+def test_their_file_as_a_towers_pretrained_weights(tower, tmp_path):
+    """Their checkpoint as ``model.towers.<t>.pretrained``: the tower and its camera table load from it (the
+    rest is left unused), the same tensors as the whole-model conversion."""
+    from hybrid_reid.methods import LAYOUTS
+
+    fx = fixture(tower)
+    path = their_checkpoint(fx, tmp_path / "theirs.pth")
+    model, _ = model_for(tower, f"model.towers.{tower}.pretrained={path}")
+    converted = LAYOUTS.get("demo").convert(their_state_dict(fx)).state
+    own = model.state_dict()
+    keys = [k for k in converted if k.startswith(f"encoder.backbones.{tower}.")]
+    assert any(k.endswith("sie.table") for k in keys) and len(keys) > 20
+    for k in keys:
+        assert torch.equal(own[k], converted[k]), k
