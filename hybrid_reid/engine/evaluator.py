@@ -58,7 +58,7 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
         images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
         images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
-        f = out.bn_feat if feat == "bn" else out.feat
+        f = out.bn_feat if feat == "bn" else out.feat if out.test_feat is None else out.test_feat
         g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
         feats.append(g["feat"].cpu())
         indices.append(g["index"].cpu())
@@ -164,13 +164,14 @@ class Evaluator:
             raise ValueError(f"eval.protocol: {e.args[0]}") from None
         self.protocol.check(cfg, data)
         self.qm, self.gm = eval_modalities(cfg, data)
-        partial = [f"eval.protocol={cfg.eval.protocol}"] if self.protocol.partial_inputs else []
+        partial = [f"eval.protocol={cfg.eval.protocol}"] if self.protocol.ranks_partial(cfg, data) else []
         partial += [f"eval.{k}={m}" for k, m in (("query_modalities", self.qm), ("gallery_modalities", self.gm))
                     if m is not None and m != data.modalities]
         if partial and not handles_missing:
             raise ValueError(f"model.modality_fusion={cfg.model.modality_fusion} needs every modality "
                              f"{data.modalities}, but {', '.join(partial)} ranks features of fewer; use a modality "
-                             "fusion that handles absent modalities (concat, mean) for it")
+                             "fusion that handles absent modalities (concat, mean) for it"
+                             + (self.protocol.partial_hint if partial[0].startswith("eval.protocol") else ""))
         self._loaders: Dict[str, object] = {}
         self.features: Dict[str, FeatureSet] = {}
         self.ranked: Dict[str, Tuple[str, str]] = {}
@@ -264,6 +265,12 @@ class Protocol:
     name = "market"
     #: ranks features of modality subsets (a fusion that needs every modality cannot run it)
     partial_inputs = False
+    #: appended to the error when a fusion that needs every modality cannot run this protocol
+    partial_hint = ""
+
+    def ranks_partial(self, cfg: Config, data: ReIDData) -> bool:
+        """Whether this protocol, as configured, feeds the model fewer than all modalities."""
+        return self.partial_inputs
 
     @classmethod
     def check(cls, cfg: Config, data: ReIDData) -> None:
@@ -319,6 +326,11 @@ class MissingProtocol(Protocol):
 
     name = "missing"
     partial_inputs = True
+    partial_hint = ", or set eval.missing_fill=zeros (zero images in their place: every modality is fed)"
+
+    def ranks_partial(self, cfg: Config, data: ReIDData) -> bool:
+        # zero images stand in for every removed image modality; a text modality is always left out
+        return cfg.eval.missing_fill != "zeros" or image_modalities(data.modalities) != list(data.modalities)
 
     def features(self, ev: "Evaluator", model) -> None:
         super().features(ev, model)

@@ -9,6 +9,7 @@ from .backbone import (
     create_tower,
 )
 from .checkpoint import CheckpointError, load_model_weights, read_state_dict
+from .demo import DeMoFusion
 from .families import FAMILIES, TowerFamily
 from .fusion import FUSIONS, MODALITY_FUSIONS, FusionOutput, ModalityFusion, TowerFusion, TowerInfo
 from .mamba import MambaFusion, selective_scan
@@ -18,7 +19,7 @@ from .prompts import TowerPrompts
 
 __all__ = [
     "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
-    "FusionOutput", "MambaFusion", "TowerInfo", "TowerPrompts", "selective_scan",
+    "DeMoFusion", "FusionOutput", "MambaFusion", "TowerInfo", "TowerPrompts", "selective_scan",
     "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
     "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "create_tower", "parameter_summary",

@@ -170,8 +170,8 @@ def to_timm_layout(sd: StateDict, tower: Optional[nn.Module] = None) -> TowerChe
         inside, rest = _split(sd, prefix)
         state = _openai_to_timm({f"visual.{k}": v for k, v in inside.items()}, tower)
         unused = [k for k in rest if k != table_key]
-        table = sd.get(table_key)
-        return TowerCheckpoint(state, layout, table, unused)
+        table = sd.get(table_key)  # [C*V, D] (CLIP-ReID, MambaPro) or [C, 1, D] (DeMo)
+        return TowerCheckpoint(state, layout, None if table is None else table.flatten(1), unused)
     if "BACKBONE.base.pos_embed" in sd:  # MambaPro on the ImageNet ViT
         inside, rest = _split(sd, "BACKBONE.base.")
         table = inside.pop("sie_embed", None)

@@ -167,11 +167,14 @@ class FusionOutput:
             the fusion's ``heads`` are trained with that head (BNNeck, classifier) and the ID / triplet
             losses; ``a:x`` and ``a:y`` share head ``a``.
         losses: {name: scalar} auxiliary losses, already weighted, added to the loss dict.
+        test_feat: [B, w] the retrieval feature before any BNNeck when it is not ``feat`` (DeMo's
+            ``[ori ; moe]``); what ``eval.feat: pre`` ranks. None: ``feat``.
     """
 
     feat: torch.Tensor
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    test_feat: Optional[torch.Tensor] = None
 
 
 class ModalityFusion(nn.Module):
@@ -213,6 +216,10 @@ class ModalityFusion(nn.Module):
     @property
     def heads(self) -> Dict[str, int]:
         """``{extra feature: width}`` that get their own BNNeck, classifier and ID / triplet losses."""
+        return {}
+
+    def components(self) -> Dict[str, Optional[nn.Module]]:
+        """``{part: module}`` that ``run.py info`` counts on their own (``modality_fusion.<part>``)."""
         return {}
 
     def check(self, inputs: Dict[str, object]) -> None:

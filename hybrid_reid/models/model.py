@@ -76,6 +76,8 @@ class ReIDOutput:
         extra: {name: Branch} the modality fusion's further features (MambaPro's ``ori``), each with
             its own head when the fusion trains it.
         aux_losses: {name: scalar} the modality fusion's auxiliary losses (weighted).
+        test_feat: [B, w] the modality fusion's retrieval feature when it is not ``feat`` (DeMo's
+            ``[ori ; moe]``), else None; ``eval.feat: pre`` ranks it.
     """
 
     feat: torch.Tensor
@@ -88,6 +90,7 @@ class ReIDOutput:
     consistency_feat: Optional[torch.Tensor] = None
     extra: Dict[str, Branch] = field(default_factory=dict)
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    test_feat: Optional[torch.Tensor] = None
 
 
 def renorm_affine(mean_in: Sequence[float], std_in: Sequence[float], mean_out: Sequence[float],
@@ -322,7 +325,7 @@ class ReIDModel(nn.Module):
             consistency_feat = self.consistency_head(torch.stack(list(feats.values())).mean(0))
         return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
                           semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat,
-                          extra=extra, aux_losses=dict(fused.losses))
+                          extra=extra, aux_losses=dict(fused.losses), test_feat=fused.test_feat)
 
     @torch.no_grad()
     def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -487,8 +490,10 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     """Parameters per component: ``{"components": {name: {"params", "trainable"}}, "total", ...}``.
 
     Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
-    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion`` (when
-    it has parameters, e.g. the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
+    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion.<part>``
+    for the parts a modality fusion names (``components()``: DeMo's ``pife``, ``hdm``, ``atmoe``),
+    ``modality_fusion`` (the rest of it, when it has parameters, e.g. the Mamba aggregation), ``head``
+    and ``head.<branch>`` for each extra
     branch; a parameter shared by two (CLIP's reused projection) is counted once, under the projector.
     """
     enc = model.encoder
@@ -503,6 +508,8 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
         parts[f"{t}.adapters"] = p.adapters if p is not None else None
     parts["fusion"] = enc.fusion
     parts["text.projector"] = model.text_projector
+    for name, m in model.modality_fusion.components().items():  # counted on their own, the rest below
+        parts[f"modality_fusion.{name}"] = m
     parts["modality_fusion"] = model.modality_fusion
     parts["head"] = model.head
     for name, h in model.extra_heads.items():
@@ -524,11 +531,12 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
         comps["other"] = rest
     order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "prompts", "adapters",
                                                           "projector")]
-    order += ["text.tower", "text.projector", "fusion", "modality_fusion", "head",
+    order += ["text.tower", "text.projector", "fusion",
+              *(f"modality_fusion.{n}" for n in model.modality_fusion.components()), "modality_fusion", "head",
               *(f"head.{n}" for n in model.extra_heads), "other"]
 
     def optional(k: str) -> bool:  # listed only when the model has them
-        return k.startswith("text.") or k == "modality_fusion" or k.endswith((".prompts", ".adapters"))
+        return k.startswith(("text.", "modality_fusion")) or k.endswith((".prompts", ".adapters"))
 
     comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
