@@ -41,7 +41,7 @@ class FeatureGraph(nn.Module):
         cam_ids = rest.pop(0) if self.cams else None
         view_ids = rest.pop(0) if self.views else None
         out = self.model(images, cam_ids, view_ids)
-        return F.normalize((out.bn_feat if self.feat == "bn" else out.feat).float(), dim=1)
+        return F.normalize(out.retrieval_feat(self.feat).float(), dim=1)
 
     def input_names(self) -> List[str]:
         return [*self.modalities, *(["cam_ids"] if self.cams else []), *(["view_ids"] if self.views else [])]

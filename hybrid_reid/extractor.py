@@ -145,7 +145,7 @@ class FeatureExtractor:
             v = torch.zeros(stop - start, dtype=torch.long, device=self.device) if self.needs_views else None
             with torch.inference_mode():
                 out = self.model(batch, c, v)
-                f = out.bn_feat if self.feat == "bn" else out.feat
+                f = out.retrieval_feat(self.feat)
                 feats.append(F.normalize(f.float(), dim=1).cpu())
         return torch.cat(feats) if feats else torch.zeros(0, self.dim)
 

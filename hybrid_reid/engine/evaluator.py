@@ -58,7 +58,7 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
         images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
         images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
-        f = out.bn_feat if feat == "bn" else out.feat if out.test_feat is None else out.test_feat
+        f = out.retrieval_feat(feat)
         g = accelerator.gather_for_metrics({"feat": f.float().contiguous(), "index": batch["indices"]})
         feats.append(g["feat"].cpu())
         indices.append(g["index"].cpu())

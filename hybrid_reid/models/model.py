@@ -92,6 +92,13 @@ class ReIDOutput:
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     test_feat: Optional[torch.Tensor] = None
 
+    def retrieval_feat(self, feat: str = "bn") -> torch.Tensor:
+        """The feature ranked at test time under ``eval.feat``: ``bn`` -> ``bn_feat``; ``pre`` -> the
+        fusion's ``test_feat`` when it has one, else ``feat``. Evaluation, extraction and export all use it."""
+        if feat == "bn":
+            return self.bn_feat
+        return self.feat if self.test_feat is None else self.test_feat
+
 
 def renorm_affine(mean_in: Sequence[float], std_in: Sequence[float], mean_out: Sequence[float],
                   std_out: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
