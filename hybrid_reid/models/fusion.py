@@ -209,6 +209,10 @@ class ModalityFusion(nn.Module):
         """``{extra feature: width}`` that get their own BNNeck, classifier and ID / triplet losses."""
         return {}
 
+    def components(self) -> Dict[str, nn.Module]:
+        """``{name: part}`` that ``run.py info`` lists as ``modality_fusion.<name>`` (default: the fusion as one)."""
+        return {}
+
     def check(self, inputs: Dict[str, object]) -> None:
         unknown = [m for m in inputs if m not in self.modalities]
         if unknown or not inputs:
