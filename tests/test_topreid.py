@@ -327,3 +327,27 @@ def test_convert_weights_and_eval_their_checkpoint_end_to_end(fx, tmp_path):
         assert np.abs(got - fx["eval.feat"].numpy()[order]).max() < 1e-4, ckpt
         metrics = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
         assert set(metrics["missing"]) == {"r", "n", "t", "rn", "rt", "nt", "average"}
+
+
+def test_bad_input_gets_one_clear_error(fx, tmp_path, capsys):
+    """Another method's checkpoint, a TOP-ReID file with a key of a modified model, heads that do not
+    divide the width: each refused with a message naming the file / key / setting."""
+    from hybrid_reid.cli import main
+
+    mp = load_file(os.path.join(ROOT, "tests", "fixtures", "mambapro", "mambapro_vit.safetensors"))
+    torch.save({k[len("state_dict."):]: v for k, v in mp.items() if k.startswith("state_dict.")}, tmp_path / "mp.pth")
+    out = str(tmp_path / "o.safetensors")
+    assert main(["convert-weights", "--from", "topreid", str(tmp_path / "mp.pth"), out]) == 2
+    assert "mp.pth is not a topreid checkpoint" in capsys.readouterr().err
+    sd = their_state_dict(fx)
+    sd["TPM.Ro_extra.Rotation.norm1.weight"] = torch.ones(32)
+    torch.save(sd, tmp_path / "mod.pth")
+    assert main(["convert-weights", "--from", "topreid", str(tmp_path / "mod.pth"), out]) == 2
+    err = capsys.readouterr().err
+    assert "mod.pth looks like a topreid checkpoint, but key 'TPM.Ro_extra.Rotation.norm1.weight' has no place" in err
+    assert not (tmp_path / "o.safetensors").exists()
+    model, _ = model_for()
+    with pytest.raises(Exception, match="TPM.Ro_extra.Rotation.norm1.weight' has no place"):
+        load_model_weights(model, str(tmp_path / "mod.pth"))
+    with pytest.raises(ValueError, match=r"heads=3 must divide the shared space model.feat_dim=32"):
+        model_for("model.modality_fusion_kwargs.heads=3")
