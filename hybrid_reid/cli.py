@@ -117,7 +117,11 @@ def cmd_convert_weights(args: argparse.Namespace) -> int:
         if not layout.detect(plain):
             raise ValueError(f"{args.input} is not a {args.from_} checkpoint ({layout.description}); its first keys: "
                              f"{list(sd)[:5]}")
-        converted = layout.convert(plain)
+        try:
+            converted = layout.convert(plain)
+        except KeyError as e:
+            raise ValueError(f"{args.input} looks like a {args.from_} checkpoint, but key {e.args[0]!r} has no "
+                             "place in this project's layout (a modified model?)") from None
         with atomic_path(args.out) as tmp:
             save_file({k: v.contiguous() for k, v in converted.state.items()}, tmp)
         print(f"wrote {args.out}: {len(converted.state)} tensors in this project's layout from {args.from_}'s "

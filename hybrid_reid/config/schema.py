@@ -231,6 +231,11 @@ class ModelConfig:
             replace a positive value by the data set's count.
         num_classes: identities of the ID classifier (0 = no classifier); ``train``/``eval`` set it
             from the training split.
+        share_towers: every image modality goes through the same towers (true, the default), or each
+            gets its own copy of every tower (false; TOP-ReID's one ViT per modality): own weights,
+            own camera table, built and loaded from the same tower spec and pretrained file, the
+            modality routing its images to its copy. Projectors, multi-scale extractors, the tower
+            fusion and the heads stay one per tower name.
         freeze_backbone: freeze the towers' pretrained weights, CLIP's own projection included (with
             ``mer.enabled``: LoRA-only training; tokenizers, prompts, adapters, SIE, learned projectors
             and heads still train).
@@ -262,6 +267,7 @@ class ModelConfig:
     clip: TowerConfig = field(default_factory=_clip_default)
     vit: TowerConfig = field(default_factory=_vit_default)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
+    share_towers: bool = True
     freeze_backbone: bool = False
     tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
     mer: MERConfig = field(default_factory=MERConfig)
@@ -374,11 +380,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (or Adam) with a learning rate per parameter group.
+    """AdamW (or Adam, or SGD) with a learning rate per parameter group.
 
     Attributes:
-        name: ``adamw`` (decoupled weight decay) or ``adam`` (L2 weight decay in the gradient, as the
-            TransReID-lineage code uses: MambaPro, TOP-ReID, DeMo, IDEA ...).
+        name: ``adamw`` (decoupled weight decay), ``adam`` (L2 weight decay in the gradient, as the
+            TransReID-lineage code uses: MambaPro, DeMo, IDEA ...) or ``sgd`` (with ``momentum`` and
+            L2 weight decay; TransReID's and TOP-ReID's default).
+        momentum: SGD's momentum (``sgd`` only).
         bias_lr_factor: biases train at this multiple of their group's rate (the peers' 2.0).
         lr: learning rate of every group not listed in ``group_lr`` (seed 003: 5e-5).
         group_lr: ``{group: lr}`` (default: the pretrained ``backbone`` at 1e-5). Groups:
@@ -389,7 +397,8 @@ class OptimConfig:
         betas: AdamW betas.
     """
 
-    name: Literal["adamw", "adam"] = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = 0.9
     lr: float = 5e-5
     group_lr: Dict[str, float] = field(default_factory=lambda: {"backbone": 1e-5})
     bias_lr_factor: float = 1.0

@@ -78,7 +78,7 @@ def resolve_config(cfg: Config, data: ReIDData) -> Config:
 
 
 def build_optimizer(model: ReIDModel, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW (``optim.name``: or Adam) over the model's named parameter groups; no weight decay on 1-d
+    """AdamW (``optim.name``: or Adam, or SGD) over the model's named parameter groups; no weight decay on 1-d
     parameters and embeddings; biases at ``optim.bias_lr_factor`` x their group's rate.
 
     ``fused``: torch's fused kernel (one launch for all parameters; the engine asks for it on CUDA)."""
@@ -98,6 +98,8 @@ def build_optimizer(model: ReIDModel, cfg: OptimConfig, fused: bool = False) -> 
                 param_groups.append({"params": ps, "lr": lr * (cfg.bias_lr_factor if bias else 1.0),
                                      "weight_decay": wd, "name": name + suffix})
     kwargs = {"fused": True} if fused else {}
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, **kwargs)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
 

@@ -4,6 +4,7 @@ from .backbone import (
     Backbone,
     BackboneOutput,
     CameraViewEmbedding,
+    ModalityTowers,
     StridedPatchEmbed,
     create_backbone,
     create_tower,
@@ -16,11 +17,13 @@ from .mamba import MambaFusion, selective_scan
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
 from .prompts import TowerPrompts
+from .topreid import TokenPermutationFusion
 
 __all__ = [
     "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
     "DeMoFusion", "FusionOutput", "MambaFusion", "TowerInfo", "TowerPrompts", "selective_scan",
-    "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
+    "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError", "ModalityTowers",
+    "TokenPermutationFusion",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
     "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "create_tower", "parameter_summary",
     "read_state_dict",

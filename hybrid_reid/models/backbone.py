@@ -284,6 +284,63 @@ class Backbone(nn.Module):
                 f"pool={self.pool!r}, out_dim={self.out_dim}")
 
 
+class ModalityTowers(nn.ModuleDict):
+    """One copy of a tower per image modality, each with its own weights and camera table
+    (``model.share_towers: false``; TOP-ReID's one ViT per modality).
+
+    Called like the :class:`Backbone` it copies; ``modality`` picks the copy that runs. The metadata
+    (width, grid, normalisation, family, global token) is the copies' common one. State keys are
+    ``<modality>.<the copy's Backbone keys>``.
+
+    Args:
+        copies: ``{modality: Backbone}``, built alike (same spec, same pretrained file).
+    """
+
+    def __init__(self, copies: Dict[str, Backbone]) -> None:
+        if not copies:
+            raise ValueError("per-modality towers need at least one image modality")
+        super().__init__(copies)
+        first = next(iter(copies.values()))
+        self.kind, self.arch, self.img_size, self.family = first.kind, first.arch, first.img_size, first.family
+        self.embed_dim, self.out_dim, self.grid, self.pool = first.embed_dim, first.out_dim, first.grid, first.pool
+        self.num_prefix_tokens, self.mean, self.std = first.num_prefix_tokens, first.mean, first.std
+
+    @property
+    def sie(self) -> Optional[CameraViewEmbedding]:
+        """The first copy's camera embedding (every copy has its own, built alike)."""
+        return next(iter(self.values())).sie
+
+    @property
+    def proj(self) -> Optional[nn.Linear]:
+        """The first copy's CLIP projection (every copy has its own; see :meth:`route`)."""
+        return next(iter(self.values())).proj
+
+    def route(self, modality: Optional[str]) -> Backbone:
+        """The copy of ``modality``."""
+        if modality not in self:
+            raise ValueError(f"this tower has one copy per modality {list(self)} (model.share_towers: false); "
+                             f"none for {modality!r}")
+        return self[modality]
+
+    def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> BackboneOutput:
+        """:meth:`Backbone.forward` of ``modality``'s copy."""
+        return self.route(modality)(images, cam_ids, view_ids, modality)
+
+    def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
+              view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> torch.Tensor:
+        return self.route(modality).embed(images, cam_ids, view_ids, modality)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for copy in self.values():
+            copy.set_grad_checkpointing(enable)
+
+
+def tower_copies(backbone: Union[Backbone, ModalityTowers]) -> Dict[Optional[str], Backbone]:
+    """``{modality: copy}`` of per-modality towers, ``{None: backbone}`` of a shared one."""
+    return dict(backbone.items()) if isinstance(backbone, ModalityTowers) else {None: backbone}
+
+
 # ----------------------------------------------------------------------------------- tower builders
 _KWARG_ALIASES = {"depth": "layers", "num_heads": "heads", "embed_dim": "width"}
 _CLIP_KWARGS = ("width", "layers", "heads", "mlp_ratio", "patch_size", "out_dim", "drop_path")

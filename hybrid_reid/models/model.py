@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..modalities import get as get_modality
 from ..modalities import image_modalities, is_text
-from .backbone import Backbone, BackboneOutput, create_tower
+from .backbone import Backbone, BackboneOutput, ModalityTowers, create_tower, tower_copies
 from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion, TowerInfo
 from .multi_scale import MultiScaleExtractor
@@ -112,15 +112,17 @@ class ReIDEncoder(nn.Module):
     """One or more towers projected into the shared space F and fused.
 
     Args:
-        backbones: {tower name: Backbone}; the first one's mean/std is the expected input
-            normalisation, the others re-normalise the input to their own (an exact affine map).
+        backbones: {tower name: Backbone, or ModalityTowers (one copy per modality)}; the first one's
+            mean/std is the expected input normalisation, the others re-normalise the input to their
+            own (an exact affine map). Projectors, multi-scale extractors and the fusion are one per
+            tower name, whether the tower is shared by the modalities or copied per modality.
         feat_dim: F.
         multi_scale: {tower: MultiScaleExtractor} for the towers that use one.
         fusion: a :class:`TowerFusion` when there are several towers, else None.
         reuse_clip_proj: project a CLIP tower with its own projection when its width equals F.
     """
 
-    def __init__(self, backbones: Dict[str, Backbone], feat_dim: int,
+    def __init__(self, backbones: Dict[str, Union[Backbone, ModalityTowers]], feat_dim: int,
                  multi_scale: Optional[Dict[str, MultiScaleExtractor]] = None,
                  fusion: Optional[TowerFusion] = None, reuse_clip_proj: bool = True, projector: str = "linear",
                  project_tokens: bool = False) -> None:
@@ -162,9 +164,13 @@ class ReIDEncoder(nn.Module):
     def grids(self) -> Dict[str, Tuple[int, int]]:
         return {t: b.grid for t, b in self.backbones.items()}
 
-    def projector(self, tower: str) -> nn.Module:
-        """The module mapping tower tokens [.., D] into F (CLIP's own projection when reused)."""
-        return self.backbones[tower].proj if tower in self.reused_proj else self.projectors[tower]
+    def projector(self, tower: str, modality: Optional[str] = None) -> nn.Module:
+        """The module mapping tower tokens [.., D] into F (CLIP's own projection when reused: with
+        per-modality towers, ``modality``'s copy's)."""
+        if tower not in self.reused_proj:
+            return self.projectors[tower]
+        b = self.backbones[tower]
+        return b.route(modality).proj if isinstance(b, ModalityTowers) else b.proj
 
     def _input_for(self, tower: str, images: torch.Tensor) -> torch.Tensor:
         scale = getattr(self, f"_renorm_scale_{tower}")
@@ -174,9 +180,9 @@ class ReIDEncoder(nn.Module):
 
     @property
     def has_experts(self) -> bool:
-        """Whether a tower routes by modality (tokenizers, LoRA experts, prompts)."""
-        return any(b.experts.enabled or (b.parts is not None and b.parts.prompts is not None)
-                   for b in self.backbones.values())
+        """Whether a tower routes by modality (tokenizers, LoRA experts, prompts, a copy per modality)."""
+        return any(isinstance(b, ModalityTowers) or b.experts.enabled
+                   or (b.parts is not None and b.parts.prompts is not None) for b in self.backbones.values())
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> EncoderOutput:
@@ -193,7 +199,7 @@ class ReIDEncoder(nn.Module):
             if t in self.multi_scale:
                 out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid)
             outs[t] = out
-            proj = self.projector(t)
+            proj = self.projector(t, modality)
             feats[t] = proj(out.cls)
             if needs_tokens or self.project_tokens:
                 tokens[t] = proj(out.patches)
@@ -348,7 +354,7 @@ class ReIDModel(nn.Module):
         """Run the shared encoder on every modality. All modalities share every weight, so images of
         one shape go through as one batch of ``M*B`` (a quickstart step: 79 ms instead of 127 ms with
         ``M`` calls; identical results) and are split again. With modality experts (tokenizers,
-        LoRA) every modality takes its own pass."""
+        LoRA, prompts) or a tower copy per modality every modality takes its own pass."""
         shapes = {tuple(x.shape) for x in images.values()}
         if len(images) == 1 or len(shapes) > 1 or self.encoder.has_experts:  # experts: one pass per modality
             return {m: self.encoder(x, cam_ids, view_ids, m) for m, x in images.items()}
@@ -423,31 +429,43 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         anchor: ``data.anchor_modality``: its tokenizer is the unperturbed copy and its images feed the
             CLIP consistency target.
     """
-    backbones: Dict[str, Backbone] = {}
+    image_mods = image_modalities(modalities)
+    if not cfg.share_towers and not image_mods:
+        raise ValueError(f"model.share_towers=false gives every image modality its own towers; data.modalities="
+                         f"{list(modalities)} has no image modality")
+    backbones: Dict[str, Union[Backbone, ModalityTowers]] = {}
     for t, spec in cfg.towers.items():
         try:
-            backbones[t] = create_tower(spec, cfg.img_size, cfg.num_cams, cfg.num_views, load_pretrained)
+            if cfg.share_towers:
+                backbones[t] = create_tower(spec, cfg.img_size, cfg.num_cams, cfg.num_views, load_pretrained)
+            else:  # a copy per modality, each built (and loaded) from the same spec
+                backbones[t] = ModalityTowers({m: create_tower(spec, cfg.img_size, cfg.num_cams, cfg.num_views,
+                                                               load_pretrained) for m in image_mods})
         except (ValueError, CheckpointError) as e:
             raise type(e)(f"model.towers.{t}: {e}") from None
-    image_mods = image_modalities(modalities)
-    for t, b in backbones.items():  # after the pretrained weights: experts start from them
+    # after the pretrained weights: experts start from them. A modality's own tower copy (share_towers: false)
+    # needs only that modality's tokenizer / LoRA expert; prompts read every modality's.
+    copies = [(t, m, b) for t, tower in backbones.items() for m, b in tower_copies(tower).items()]
+    for t, copy_of, b in copies:
+        mods = image_mods if copy_of is None else [copy_of]
+        where = f"model.towers.{t}" + ("" if copy_of is None else f" ({copy_of} copy)")
         if cfg.freeze_backbone:  # the pretrained weights: the tower and CLIP's own projection
             for p in [*b.tower.parameters(), *(b.proj.parameters() if b.proj is not None else [])]:
                 p.requires_grad_(False)
         if cfg.tokenizers.enabled:
-            channels = {m: cfg.tokenizers.channels.get(m, get_modality(m).channels) for m in image_mods}
+            channels = {m: cfg.tokenizers.channels.get(m, get_modality(m).channels) for m in mods}
             b.experts.add_tokenizers(channels, cfg.tokenizers.perturb_std, seed=cfg.tokenizers.seed, anchor=anchor)
         if cfg.mer.enabled:
             try:
-                b.experts.add_lora(image_mods, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
+                b.experts.add_lora(mods, cfg.mer.rank, cfg.mer.alpha, cfg.mer.blocks, cfg.mer.dropout)
             except ValueError as e:
-                raise ValueError(f"model.towers.{t}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
         if cfg.prompts.enabled or cfg.adapters.enabled:
             try:
                 b.install_prompts(image_mods, cfg.prompts.length if cfg.prompts.enabled else 0,
                                   cfg.adapters.ratio if cfg.adapters.enabled else 0.0)
             except ValueError as e:
-                raise ValueError(f"model.towers.{t}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
     ms = cfg.multi_scale
     multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
                    for t, b in backbones.items()} if ms.enabled else None
@@ -498,21 +516,28 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
 
     Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
     ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion.<part>``
-    for the parts a modality fusion names (``components()``: DeMo's ``pife``, ``hdm``, ``atmoe``),
-    ``modality_fusion`` (the rest of it, when it has parameters, e.g. the Mamba aggregation), ``head``
-    and ``head.<branch>`` for each extra
+    for the parts a modality fusion names (``components()``: DeMo's ``pife``, ``hdm``, ``atmoe``,
+    TOP-ReID's ``tpm`` and ``crm``), ``modality_fusion`` (the rest of it, when it has parameters, e.g.
+    the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
     branch; a parameter shared by two (CLIP's reused projection) is counted once, under the projector.
+    Per-modality towers (``model.share_towers: false``) list ``<tower>.<modality>.tower``, ``.sie``,
+    ``.prompts``, ``.adapters`` for every copy.
     """
     enc = model.encoder
     parts: Dict[str, object] = {}
-    for t, b in enc.backbones.items():
-        parts[f"{t}.sie"] = b.sie
+    names = {}  # tower name -> the prefix of each copy's components
+    for t, tower in enc.backbones.items():
+        names[t] = []
+        for m, b in tower_copies(tower).items():
+            key = t if m is None else f"{t}.{m}"
+            names[t].append(key)
+            parts[f"{key}.sie"] = b.sie
+            p = b.parts
+            parts[f"{key}.prompts"] = [] if p is None or p.prompts is None else \
+                [*p.prompts.parameters(), *p.cross.parameters(), *p.transfer.parameters()]
+            parts[f"{key}.adapters"] = p.adapters if p is not None else None
         parts[f"{t}.multi_scale"] = enc.multi_scale[t] if t in enc.multi_scale else None
-        parts[f"{t}.projector"] = enc.projector(t)
-        p = b.parts
-        parts[f"{t}.prompts"] = [] if p is None or p.prompts is None else \
-            [*p.prompts.parameters(), *p.cross.parameters(), *p.transfer.parameters()]
-        parts[f"{t}.adapters"] = p.adapters if p is not None else None
+        parts[f"{t}.projector"] = [q for m in tower_copies(tower) for q in enc.projector(t, m).parameters()]
     parts["fusion"] = enc.fusion
     parts["text.projector"] = model.text_projector
     for name, m in model.modality_fusion.components().items():  # counted on their own, the rest below
@@ -530,14 +555,20 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
 
     comps = {name: count(m if isinstance(m, list) else m.parameters() if m is not None else [])
              for name, m in parts.items()}
-    for t, b in enc.backbones.items():  # what is left of each backbone is the tower itself
-        comps[f"{t}.tower"] = count(b.parameters())
+    for t, tower in enc.backbones.items():  # what is left of each backbone is the tower itself
+        for key, b in zip(names[t], tower_copies(tower).values()):
+            comps[f"{key}.tower"] = count(b.parameters())
     comps["text.tower"] = count(model.text_encoder.parameters() if model.text_encoder is not None else [])
     rest = count(model.parameters())
     if rest["params"]:
         comps["other"] = rest
-    order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "prompts", "adapters",
-                                                          "projector")]
+    order = []
+    for t in enc.backbones:
+        if names[t] == [t]:  # one tower for every modality
+            order += [f"{t}.{c}" for c in ("tower", "sie", "multi_scale", "prompts", "adapters", "projector")]
+        else:  # a copy per modality
+            order += [f"{k}.{c}" for k in names[t] for c in ("tower", "sie", "prompts", "adapters")]
+            order += [f"{t}.multi_scale", f"{t}.projector"]
     order += ["text.tower", "text.projector", "fusion",
               *(f"modality_fusion.{n}" for n in model.modality_fusion.components()), "modality_fusion", "head",
               *(f"head.{n}" for n in model.extra_heads), "other"]
@@ -548,7 +579,7 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
     trainable = sum(c["trainable"] for c in comps.values())
-    share = {t: comps[f"{t}.multi_scale"]["params"] / max(1, comps[f"{t}.tower"]["params"])
+    share = {t: comps[f"{t}.multi_scale"]["params"] / max(1, comps[f"{names[t][0]}.tower"]["params"])
              for t in enc.backbones}
     return {"components": comps, "total": total, "trainable": trainable, "frozen": total - trainable,
             "grid": {t: list(g) for t, g in enc.grids.items()}, "multi_scale_share": share}
