@@ -9,16 +9,18 @@ from .backbone import (
     create_tower,
 )
 from .checkpoint import CheckpointError, load_model_weights, read_state_dict
+from .decoupled import DecoupledFusion
 from .families import FAMILIES, TowerFamily
 from .fusion import FUSIONS, MODALITY_FUSIONS, FusionOutput, ModalityFusion, TowerFusion, TowerInfo
 from .mamba import MambaFusion, selective_scan
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
 from .prompts import TowerPrompts
+from .shared_token import SharedToken
 
 __all__ = [
     "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
-    "FusionOutput", "MambaFusion", "TowerInfo", "TowerPrompts", "selective_scan",
+    "DecoupledFusion", "FusionOutput", "MambaFusion", "SharedToken", "TowerInfo", "TowerPrompts", "selective_scan",
     "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
     "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "create_tower", "parameter_summary",

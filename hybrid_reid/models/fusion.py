@@ -182,6 +182,12 @@ class ModalityFusion(nn.Module):
             space (``EncoderOutput.projected``).
         handles_missing: the fusion works on any non-empty subset of its modalities (queries of one
             modality, the missing-modality protocol); a fusion that cannot says so at config time.
+        feat_head: the retrieval feature gets the model's BNNeck and classifier and the ID / triplet
+            losses; False: it is only the test feature, and the fusion trains its ``heads`` (MDReID).
+
+    Hooks a fusion may override: :meth:`setup_tower` (install a tower part the fusion reads, e.g.
+    MDReID's shared token), :meth:`pair_features` (make query and gallery features of different
+    modality sets comparable) and :attr:`branch_weights`.
 
     Args:
         modalities: the model's modalities, in order.
@@ -191,6 +197,7 @@ class ModalityFusion(nn.Module):
 
     needs_tokens: bool = False
     handles_missing: bool = True
+    feat_head: bool = True
 
     def __init__(self, modalities: Sequence[str], dim: int, towers: Optional[Dict[str, TowerInfo]] = None) -> None:
         super().__init__()
@@ -208,6 +215,20 @@ class ModalityFusion(nn.Module):
     def heads(self) -> Dict[str, int]:
         """``{extra feature: width}`` that get their own BNNeck, classifier and ID / triplet losses."""
         return {}
+
+    @property
+    def branch_weights(self) -> Dict[str, float]:
+        """``{head: factor}`` multiplying that branch's ID / triplet losses (default 1)."""
+        return {}
+
+    def setup_tower(self, backbone: nn.Module) -> None:
+        """Called by ``build_model`` for every tower after the fusion is built (nothing by default)."""
+
+    def pair_features(self, qf: torch.Tensor, q_modalities: Sequence[str], gf: torch.Tensor,
+                      g_modalities: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query [Nq, Wq] and gallery [Ng, Wg] features computed from the given modality lists ->
+        features of one width that the evaluation ranks (default: unchanged)."""
+        return qf, gf
 
     def check(self, inputs: Dict[str, object]) -> None:
         unknown = [m for m in inputs if m not in self.modalities]
