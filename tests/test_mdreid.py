@@ -341,6 +341,13 @@ def test_any_to_any_queries_through_the_evaluator(tmp_path, a2a, case, fresh_acc
     assert abs(metrics["mAP"] - 100 * want) < 1e-3
     if a2a == "theirs" or case == "RGB_TI_to_NI":
         assert abs(metrics["mAP"] - 100 * float(fx[f"a2a.{case}.mAP"])) < 1e-3
+    if case == "RGB_TI_to_NI":  # run.py visualize ranks the same paired features (query and gallery of other widths)
+        from hybrid_reid.visualize import visualize
+
+        written = visualize(cfg, theirs, str(tmp_path / "vis"))
+        assert [os.path.basename(p) for ps in written.values() for p in ps] == ["cmc.png", "ranklist_query.png",
+                                                                                 "tsne.png"]
+        assert all(os.path.getsize(p) > 0 for ps in written.values() for p in ps)
 
 
 def test_info_lists_the_parts_and_matches_their_counts(capsys):
