@@ -356,7 +356,6 @@ def test_info_lists_the_parts_and_matches_their_counts(capsys):
     receives a gradient (86,672,640) is ours; the rest of theirs (531,456) are the rs/ns/ts heads no
     loss uses. Their ImageNet-ViT backbone (85,750,272, its camera table included) likewise."""
     from hybrid_reid.cli import main
-    from hybrid_reid.models import parameter_summary
 
     assert main(["info", "--config", METHOD, "model.num_classes=171", "model.num_cams=4", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
@@ -366,9 +365,13 @@ def test_info_lists_the_parts_and_matches_their_counts(capsys):
     assert s["trainable"] == 86_672_640 and s["total"] == 87_207_168 - 531_456
     assert "head" not in c and c["head.shared"]["params"] == 262_656 + 3_072
     assert s["param_groups"]["backbone"]["lr"] == 5e-6 and s["param_groups"]["other"]["lr"] == 3.5e-4
-    cfg = load_config(CONFIG["vit"], ["model.num_classes=171", "model.num_cams=4"])
-    c = parameter_summary(build_model(cfg.model, load_pretrained=False, modalities=MODS))["components"]
+    assert main(["info", "--config", CONFIG["vit"], "model.num_classes=171", "model.num_cams=4", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    c = s["components"]
     assert c["vit.tower"]["params"] + c["vit.shared_token"]["params"] + c["vit.sie"]["params"] == 85_750_272
+    # their ViT trains the whole base (tower, positional and camera tables) at 0.8 x BASE_LR
+    assert s["param_groups"]["backbone"]["lr"] == s["param_groups"]["other"]["lr"] == 2.8e-4
+    assert s["param_groups"]["other"]["params"] == 130 * 768 + 4 * 768
 
 
 def test_layout_detection_claims_only_mdreid():
