@@ -228,8 +228,11 @@ def visualize(cfg: Config, checkpoint: str, out_dir: str, num_queries: int = 6, 
         ranked = ranked[:max_sets - 1] + ranked[-1:]
     for name, (qk, gk) in ranked:
         q, g = feats[qk], feats[gk]
+        qf, gf = q["feat"], g["feat"]
+        if evaluator.pair is not None:  # other modality sets: the features the evaluation ranked (MDReID)
+            qf, gf = evaluator.pair(qf, q["modalities"], gf, g["modalities"])
         picks = np.unique(np.linspace(0, len(q["pids"]) - 1, min(num_queries, len(q["pids"]))).astype(int))
-        img = rank_list_image(q["feat"], g["feat"], q["samples"], g["samples"], q["pids"], g["pids"], q["camids"],
+        img = rank_list_image(qf, gf, q["samples"], g["samples"], q["pids"], g["pids"], q["camids"],
                               g["camids"], q["modalities"], g["modalities"], picks.tolist(), topk, cfg.eval.metric)
         path = os.path.join(out_dir, f"ranklist_{name.replace('+', '-')}.png")
         img.save(path)
@@ -242,6 +245,13 @@ def visualize(cfg: Config, checkpoint: str, out_dir: str, num_queries: int = 6, 
         if not any(fs["feat"] is d["feat"] for d in distinct.values()):
             distinct[n] = fs
     sets = {n: fs["feat"].numpy() for n, fs in distinct.items()}
+    width = next(iter(sets.values())).shape[1]
+    other = [n for n, f in sets.items() if f.shape[1] != width]
+    if other:  # features of other modality sets that are only comparable in pairs (MDReID's any-to-any)
+        logger.info("t-SNE: %s left out (their features are %s wide, %s's %d)", other,
+                    sorted({sets[n].shape[1] for n in other}), next(iter(sets)), width)
+        sets = {n: f for n, f in sets.items() if n not in other}
+        distinct = {n: fs for n, fs in distinct.items() if n not in other}
     written["tsne"].append(plot_tsne(sets, {n: fs["pids"] for n, fs in distinct.items()},
                                      os.path.join(out_dir, "tsne.png"), seed=cfg.seed))
     logger.info("wrote %s", ", ".join(p for ps in written.values() for p in ps))

@@ -176,6 +176,7 @@ class Evaluator:
         self.features: Dict[str, FeatureSet] = {}
         self.ranked: Dict[str, Tuple[str, str]] = {}
         self.curves: Dict[str, List[float]] = {}
+        self.pair = None  # the model's modality fusion's pair_features (set by run)
 
     def loader(self, name: str, samples: Sequence[Sample], modalities: Sequence[str]):
         if name not in self._loaders:
@@ -190,13 +191,22 @@ class Evaluator:
         e = self.cfg.eval
         rerank = (e.rerank_k1, e.rerank_k2, e.rerank_lambda) if e.rerank else None
         aqe = (e.aqe_k, e.aqe_alpha) if e.aqe else None
-        return rank_metrics(q["feat"], g["feat"], q["pids"], g["pids"], q["camids"], g["camids"], metric=e.metric,
+        qf, gf = q["feat"], g["feat"]
+        if self.pair is not None:  # query and gallery of other modality sets (MDReID's any-to-any matching)
+            qf, gf = self.pair(qf, q["modalities"], gf, g["modalities"])
+        if qf.shape[1] != gf.shape[1]:
+            raise ValueError(f"query features are {qf.shape[1]} wide and gallery features {gf.shape[1]}: they come from "
+                             "other modality sets and only the model's fusion can pair them (MDReID's any-to-any); "
+                             "evaluate with run.py eval --config ... --checkpoint ..., not from saved features")
+        return rank_metrics(qf, gf, q["pids"], g["pids"], q["camids"], g["camids"], metric=e.metric,
                             max_rank=e.max_rank, rerank=rerank, aqe=aqe, chunk_size=e.chunk_size)
 
     def run(self, model) -> Dict[str, object]:
         """Metrics (percent) of ``model`` under ``eval.protocol``: the main numbers at the top level,
         the protocol's cases under its own key (``"missing"``, ``"orbench"``)."""
         self.features, self.ranked, self.curves = {}, {}, {}
+        fusion = getattr(self.accelerator.unwrap_model(model, keep_torch_compile=False), "modality_fusion", None)
+        self.pair = getattr(fusion, "pair_features", None)  # MDReID's any-to-any pairing
         self.protocol.features(self, model)
         return self.summarize()
 
@@ -224,7 +234,7 @@ class Evaluator:
                                      camids=np.asarray(f["camids"]), paths=list(f.get("paths", [])), samples=[],
                                      modalities=[]) for n, f in features.items()}
         ev.ranked = {n: (q, g) for n, (q, g) in ranked.items()}
-        ev.curves = {}
+        ev.curves, ev.pair = {}, None
         return ev
 
     def sides(self, model, loader, qm, gm, zero=(), camids=None) -> Tuple[FeatureSet, FeatureSet]:

@@ -199,8 +199,10 @@ class Criterion(nn.Module):
     A weight is a number or a function of the epoch. A loss that returns None (nothing to compute
     for this model or batch) is left out of the dict. A loss marked ``per_branch`` (``id``,
     ``triplet``) is also computed, with the same weight, on every extra feature the model trains
-    with its own head (``output.extra``, e.g. MambaPro's ``ori``), as ``<loss>.<branch>``; the modality
-    fusion's own auxiliary losses (``output.aux_losses``) join the dict as they are.
+    with its own head (``output.extra``, e.g. MambaPro's ``ori``), as ``<loss>.<branch>``, times the
+    branch's ``weight``; it skips ``output.feat`` when ``output.trains_feat`` is False (MDReID trains
+    only its branches). The modality fusion's own auxiliary losses (``output.aux_losses``) join the
+    dict as they are.
     """
 
     def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, Union[float, Callable[[int], float]]]):
@@ -218,15 +220,16 @@ class Criterion(nn.Module):
             w = self.weight(name, epoch)
             if w == 0:
                 continue
-            value = fn(output, pids)
+            per_branch = getattr(fn, "per_branch", False)
+            value = fn(output, pids) if not per_branch or getattr(output, "trains_feat", True) else None
             if value is not None:
                 out[name] = w * value
-            if getattr(fn, "per_branch", False):
+            if per_branch:
                 for branch, b in getattr(output, "extra", {}).items():
                     if b.bn_feat is not None:  # trained with its own head
                         value = fn(b, pids)
                         if value is not None:
-                            out[f"{name}.{branch}"] = w * value
+                            out[f"{name}.{branch}"] = w * b.weight * value
         for name, value in (getattr(output, "aux_losses", None) or {}).items():
             out[name] = value
         out["total"] = sum(out.values()) if out else output.feat.sum() * 0.0
@@ -248,7 +251,7 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None,
         except KeyError as e:
             raise ValueError(f"loss.{name}: {e.args[0]}") from None
         kwargs = dict(spec or {})
-        weight = float(kwargs.pop("weight", 1.0))
+        weight = float(kwargs.pop("weight", getattr(cls, "default_weight", 1.0)))
         params = inspect.signature(cls.__init__).parameters
         unknown = [k for k in kwargs if k not in params]
         if unknown:
@@ -269,5 +272,8 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None,
     return Criterion(losses, weights)
 
 
-__all__ = ["LOSSES", "ClipConsistencyLoss", "Criterion", "IDLoss", "RGBAnchoredAlignment", "TripletLoss",
-           "batch_hard", "build_criterion", "gather_across_processes", "scheduled_weight"]
+from .decoupling import DiscrepancyLoss, OrthogonalityLoss  # noqa: E402  (registers MDReID's two losses)
+
+__all__ = ["LOSSES", "ClipConsistencyLoss", "Criterion", "DiscrepancyLoss", "IDLoss", "OrthogonalityLoss",
+           "RGBAnchoredAlignment", "TripletLoss", "batch_hard", "build_criterion", "gather_across_processes",
+           "scheduled_weight"]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import PatchEmbed
+from timm.models import checkpoint_seq
 from torch import nn
 
 from ..registry import Registry
@@ -31,6 +32,7 @@ from .checkpoint import load_tower_weights
 from .experts import ModalityExperts
 from .families import TowerFamily, family_for_module, family_of
 from .prompts import TowerPrompts
+from .shared_token import SharedToken
 
 _logger = logging.getLogger(__name__)
 
@@ -52,11 +54,14 @@ class BackboneOutput:
         patches: [B, N, D] patch tokens, row-major over ``grid`` (class, distillation and register
             tokens excluded).
         grid: (h, w) patch grid, ``h * w == N``.
+        shared: [B, D] MDReID's modality-shared token (token 1), when the tower has one
+            (:meth:`Backbone.install_shared_token`); else None.
     """
 
     cls: torch.Tensor
     patches: torch.Tensor
     grid: Tuple[int, int]
+    shared: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -208,6 +213,7 @@ class Backbone(nn.Module):
         self.sie = sie
         self.experts = ModalityExperts(self.tower, self.family)  # per-modality tokenizers / LoRA, on demand
         self.parts: Optional[TowerPrompts] = None  # MambaPro's prompts / parallel adapters, on demand
+        self.shared_token: Optional[SharedToken] = None  # MDReID's modality-shared token, on demand
         self._sie_bias: Optional[torch.Tensor] = None
         if sie is not None:
             self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
@@ -237,13 +243,14 @@ class Backbone(nn.Module):
         if self.sie is not None:
             self._sie_bias = self.sie(cam_ids, view_ids)
         try:
-            tokens = self._tokens_with_parts(images, modality) if self.parts is not None \
-                else self.tower.forward_features(images)
+            tokens = self._tokens_with_parts(images, modality) \
+                if self.parts is not None or self.shared_token is not None else self.tower.forward_features(images)
         finally:
             self._sie_bias = None
         npt = self.num_prefix_tokens
         glob = self.family.global_token(self.tower, tokens, self.pool, npt)
-        return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid)
+        shared = tokens[:, 1] if self.shared_token is not None else None
+        return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid, shared=shared)
 
     def install_prompts(self, modalities: Sequence[str], length: int = 4, adapter_ratio: float = 2.0) -> None:
         """Add MambaPro's prompts (``length`` tokens per modality and block; 0 = none) and parallel
@@ -255,16 +262,37 @@ class Backbone(nn.Module):
         self.parts = TowerPrompts(len(self.tower.blocks), self.embed_dim, modalities, length, adapter_ratio)
         self.parts.to(next(self.tower.parameters()).device)
 
+    def install_shared_token(self, tie: bool = True) -> None:
+        """Add MDReID's modality-shared token beside the class token (token 1 of the output:
+        :attr:`BackboneOutput.shared`); ``tie``: it is the class token itself, as in their code
+        (:class:`~hybrid_reid.models.shared_token.SharedToken`)."""
+        if self.shared_token is not None:
+            return
+        if not self.family.supports_prompts:
+            raise ValueError(f"MDReID's shared token needs timm Blocks that take an extra token; the "
+                             f"{self.family.name} family ({self.arch}) has none")
+        if self.pool != "cls":
+            raise ValueError(f"MDReID's shared token sits beside the class token, but this tower's global token is "
+                             f"{self.pool!r} ({self.arch}); use global_pool: cls")
+        self.shared_token = SharedToken(self.tower, tie, self.arch)
+        self.num_prefix_tokens += 1
+
     def _tokens_with_parts(self, images: torch.Tensor, modality: Optional[str]) -> torch.Tensor:
-        """``forward_features`` with the blocks run by :attr:`parts`: timm's embedding steps
-        (``_pos_embed`` is the one that adds the class token and positional embedding; the camera
-        embedding hook sits on its ``pos_drop``), the prompted blocks, the final norm."""
+        """``forward_features`` with the tower's parts: timm's embedding steps (``_pos_embed`` adds the
+        class token and positional embedding, or :attr:`shared_token` adds both leading tokens and its
+        table; the camera embedding hook sits on ``pos_drop`` either way), the blocks (run by
+        :attr:`parts` when it has prompts / adapters), the final norm."""
         t = self.tower
         x = t.patch_embed(images)
-        x = t._pos_embed(x)
+        x = self.shared_token(t, x) if self.shared_token is not None else t._pos_embed(x)
         x = t.patch_drop(x)
         x = t.norm_pre(x)
-        x = self.parts(t.blocks, x, modality)
+        if self.parts is not None:
+            x = self.parts(t.blocks, x, modality)
+        elif t.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(t.blocks, x)
+        else:
+            x = t.blocks(x)
         return t.norm(x)
 
     def embed(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,

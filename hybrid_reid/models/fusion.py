@@ -187,6 +187,12 @@ class ModalityFusion(nn.Module):
             modality, the missing-modality protocol); a fusion that cannot says so at config time.
         subset_features: a subset's feature stands on its own (see below); False for a fusion that
             fills the absent modalities' part with a constant, as ``concat`` does.
+        feat_head: the retrieval feature gets the model's BNNeck and classifier and the ID / triplet
+            losses; False: it is only the test feature, and the fusion trains its ``heads`` (MDReID).
+
+    Hooks a fusion may override: :meth:`setup_tower` (install a tower part the fusion reads, e.g.
+    MDReID's shared token), :meth:`pair_features` (make query and gallery features of different
+    modality sets comparable) and :attr:`branch_weights`.
 
     Args:
         modalities: the model's modalities, in order.
@@ -200,6 +206,7 @@ class ModalityFusion(nn.Module):
     #: feature with the absent ones' part left constant (``concat``'s zeros): the feature extractor
     #: and ``run.py extract`` refuse modality subsets of a fusion without it
     subset_features: bool = True
+    feat_head: bool = True
 
     def __init__(self, modalities: Sequence[str], dim: int, towers: Optional[Dict[str, TowerInfo]] = None) -> None:
         super().__init__()
@@ -221,6 +228,20 @@ class ModalityFusion(nn.Module):
     def components(self) -> Dict[str, Optional[nn.Module]]:
         """``{part: module}`` that ``run.py info`` counts on their own (``modality_fusion.<part>``)."""
         return {}
+
+    @property
+    def branch_weights(self) -> Dict[str, float]:
+        """``{head: factor}`` multiplying that branch's ID / triplet losses (default 1)."""
+        return {}
+
+    def setup_tower(self, backbone: nn.Module) -> None:
+        """Called by ``build_model`` for every tower after the fusion is built (nothing by default)."""
+
+    def pair_features(self, qf: torch.Tensor, q_modalities: Sequence[str], gf: torch.Tensor,
+                      g_modalities: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query [Nq, Wq] and gallery [Ng, Wg] features computed from the given modality lists ->
+        features of one width that the evaluation ranks (default: unchanged)."""
+        return qf, gf
 
     def check(self, inputs: Dict[str, object]) -> None:
         unknown = [m for m in inputs if m not in self.modalities]

@@ -13,7 +13,7 @@ Only :func:`build_model` reads config; the modules take plain ints and already-b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,22 +40,27 @@ class EncoderOutput:
         towers: {tower: BackboneOutput} raw tokens (cls includes the multi-scale vector).
         projected: {tower: BackboneOutput} the same tokens projected into F, when the modality fusion
             reads tokens (``ModalityFusion.needs_tokens``); else empty.
+        shared: [B, F] the towers' modality-shared tokens (MDReID's, when the towers have one),
+            projected and fused like ``feat``; else None.
     """
 
     feat: torch.Tensor
     tower_feats: Dict[str, torch.Tensor]
     towers: Dict[str, BackboneOutput] = field(repr=False)
     projected: Dict[str, BackboneOutput] = field(default_factory=dict, repr=False)
+    shared: Optional[torch.Tensor] = None
 
 
 @dataclass
 class Branch:
     """A feature trained with its own head: ``feat`` [B, W] before the BNNeck, ``bn_feat`` after it,
-    ``logits`` [B, num_classes] (None without a classifier)."""
+    ``logits`` [B, num_classes] (None without a classifier); ``weight`` multiplies its ID / triplet
+    losses (the modality fusion's ``branch_weights``)."""
 
     feat: torch.Tensor
     bn_feat: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
+    weight: float = 1.0
 
 
 @dataclass
@@ -78,6 +83,8 @@ class ReIDOutput:
         aux_losses: {name: scalar} the modality fusion's auxiliary losses (weighted).
         test_feat: [B, w] the modality fusion's retrieval feature when it is not ``feat`` (DeMo's
             ``[ori ; moe]``), else None; ``eval.feat: pre`` ranks it.
+        trains_feat: the ID / triplet losses apply to ``feat`` (False when the modality fusion has no
+            head on its retrieval feature and trains only its branches, as MDReID).
     """
 
     feat: torch.Tensor
@@ -91,6 +98,7 @@ class ReIDOutput:
     extra: Dict[str, Branch] = field(default_factory=dict)
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     test_feat: Optional[torch.Tensor] = None
+    trains_feat: bool = True
 
     def retrieval_feat(self, feat: str = "bn") -> torch.Tensor:
         """The feature ranked at test time under ``eval.feat``: ``bn`` -> ``bn_feat``; ``pre`` -> the
@@ -194,20 +202,27 @@ class ReIDEncoder(nn.Module):
         tokens: Dict[str, torch.Tensor] = {}
         projected: Dict[str, BackboneOutput] = {}
         needs_tokens = self.fusion is not None and self.fusion.needs_tokens
+        shared: Dict[str, torch.Tensor] = {}
         for t, backbone in self.backbones.items():
             out = backbone(self._input_for(t, images), cam_ids, view_ids, modality)
             if t in self.multi_scale:
-                out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid)
+                out = replace(out, cls=out.cls + self.multi_scale[t](out.patches, out.grid))
             outs[t] = out
             proj = self.projector(t, modality)
             feats[t] = proj(out.cls)
+            if out.shared is not None:
+                shared[t] = proj(out.shared)
             if needs_tokens or self.project_tokens:
                 tokens[t] = proj(out.patches)
             if self.project_tokens:
-                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid)
-        feat = self.fusion(feats, tokens if needs_tokens else None) if self.fusion is not None \
-            else next(iter(feats.values()))
-        return EncoderOutput(feat=feat, tower_feats=feats, towers=outs, projected=projected)
+                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid, shared.get(t))
+        fuse = (lambda fs: self.fusion(fs, tokens if needs_tokens else None)) if self.fusion is not None \
+            else (lambda fs: next(iter(fs.values())))
+        if shared and len(shared) != len(feats):
+            raise ValueError(f"towers {sorted(shared)} have a shared token and {sorted(set(feats) - set(shared))} do "
+                             "not; install it on every tower")
+        return EncoderOutput(feat=fuse(feats), tower_feats=feats, towers=outs, projected=projected,
+                             shared=fuse(shared) if shared else None)
 
 
 class ReIDHead(nn.Module):
@@ -238,19 +253,22 @@ class ReIDModel(nn.Module):
 
     Args:
         encoder: the towers, projected into F and fused.
-        head: BNNeck + classifier over the modality-fused feature (width ``modality_fusion.out_dim``).
+        head: BNNeck + classifier over the modality-fused feature (width ``modality_fusion.out_dim``), or
+            None when the fusion trains only its branches (``ModalityFusion.feat_head``; the retrieval
+            feature is then ``feat`` itself).
         modality_fusion: combines the per-modality features.
         sdm: the semantic disentanglement module, or None.
         clip_teacher: a frozen CLIP backbone, the CLIP consistency loss's target, or None.
         text_encoder: the CLIP text tower for the ``text`` modality, or None.
         feat_dim: F (default: the encoder's).
         anchor: the modality the CLIP consistency target is computed from (``data.anchor_modality``).
+        num_classes: identities of the branches' classifiers (default: the head's).
     """
 
-    def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
+    def __init__(self, encoder: ReIDEncoder, head: Optional[ReIDHead], modality_fusion: ModalityFusion,
                  sdm: Optional[SemanticDisentanglement] = None, clip_teacher: Optional[Backbone] = None,
                  text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None,
-                 anchor: str = "rgb") -> None:
+                 anchor: str = "rgb", num_classes: Optional[int] = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.anchor = anchor
@@ -263,7 +281,8 @@ class ReIDModel(nn.Module):
         self.head = head
         self.modality_fusion = modality_fusion
         # a head (BNNeck + classifier) for every extra feature the fusion trains (MambaPro's ``ori``)
-        num_classes = head.classifier.out_features if head.classifier is not None else 0
+        if num_classes is None:
+            num_classes = head.classifier.out_features if head is not None and head.classifier is not None else 0
         self.extra_heads = nn.ModuleDict({name: ReIDHead(w, num_classes) for name, w in modality_fusion.heads.items()})
         self.sdm = sdm
         # The consistency target: a frozen CLIP image tower, kept out of the module tree (not in the
@@ -325,12 +344,14 @@ class ReIDModel(nn.Module):
         feats = {m: e.feat for m, e in inputs.items()}
         fused = self.modality_fusion(inputs)
         feat = fused.feat
-        bn, logits = self.head(feat)
+        bn, logits = self.head(feat) if self.head is not None else (feat, None)
         extra = {}
+        weights = self.modality_fusion.branch_weights
         for name, f in fused.extra.items():
             head_name = name.split(":", 1)[0]  # "modality:rgb" and "modality:nir" share the head "modality"
             head = self.extra_heads[head_name] if head_name in self.extra_heads else None
-            extra[name] = Branch(f, *head(f)) if head is not None else Branch(f, None, None)
+            extra[name] = Branch(f, *head(f), weights.get(head_name, 1.0)) if head is not None else \
+                Branch(f, None, None)
         semantic = self.sdm(feats) if self.sdm is not None else None
         clip_global = consistency_feat = None
         if self._clip_teacher is not None and self.training and self.anchor in images:
@@ -338,7 +359,8 @@ class ReIDModel(nn.Module):
             consistency_feat = self.consistency_head(torch.stack(list(feats.values())).mean(0))
         return ReIDOutput(feat=feat, bn_feat=bn, logits=logits, modality_feats=feats, encoder=enc,
                           semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat,
-                          extra=extra, aux_losses=dict(fused.losses), test_feat=fused.test_feat)
+                          extra=extra, aux_losses=dict(fused.losses), test_feat=fused.test_feat,
+                          trains_feat=self.head is not None)
 
     @torch.no_grad()
     def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -366,11 +388,13 @@ class ReIDModel(nn.Module):
             return t[i * b:(i + 1) * b]
 
         def split(outs: Dict[str, BackboneOutput], i: int) -> Dict[str, BackboneOutput]:
-            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid) for t, o in outs.items()}
+            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid,
+                                      None if o.shared is None else part(o.shared, i)) for t, o in outs.items()}
 
         return {m: EncoderOutput(
             feat=part(out.feat, i), tower_feats={t: part(f, i) for t, f in out.tower_feats.items()},
-            towers=split(out.towers, i), projected=split(out.projected, i))
+            towers=split(out.towers, i), projected=split(out.projected, i),
+            shared=None if out.shared is None else part(out.shared, i))
             for i, m in enumerate(images)}
 
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
@@ -490,6 +514,11 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         raise ValueError(f"model.modality_fusion_kwargs for {cfg.modality_fusion!r}: {e}") from None
     except ValueError as e:
         raise ValueError(f"model.modality_fusion={cfg.modality_fusion}: {e}") from None
+    for t, b in backbones.items():  # tower parts the modality fusion reads (MDReID's shared token)
+        try:
+            mfusion.setup_tower(b)
+        except ValueError as e:
+            raise ValueError(f"model.modality_fusion={cfg.modality_fusion} on model.towers.{t}: {e}") from None
     sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
     text = None
     if any(is_text(m) for m in modalities):
@@ -507,8 +536,9 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             teacher = create_tower(cfg.clip_consistency.teacher, cfg.img_size, load_pretrained=load_pretrained)
         except (ValueError, CheckpointError) as e:
             raise type(e)(f"model.clip_consistency.teacher: {e}") from None
-    return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
-                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim, anchor=anchor)
+    head = ReIDHead(mfusion.out_dim, cfg.num_classes) if mfusion.feat_head else None
+    return ReIDModel(encoder, head, mfusion, sdm, clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim,
+                     anchor=anchor, num_classes=cfg.num_classes)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
@@ -565,16 +595,18 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     order = []
     for t in enc.backbones:
         if names[t] == [t]:  # one tower for every modality
-            order += [f"{t}.{c}" for c in ("tower", "sie", "multi_scale", "prompts", "adapters", "projector")]
+            order += [f"{t}.{c}" for c in ("tower", "sie", "multi_scale", "prompts", "adapters", "shared_token",
+                                            "projector")]
         else:  # a copy per modality
-            order += [f"{k}.{c}" for k in names[t] for c in ("tower", "sie", "prompts", "adapters")]
+            order += [f"{k}.{c}" for k in names[t] for c in ("tower", "sie", "prompts", "adapters", "shared_token")]
             order += [f"{t}.multi_scale", f"{t}.projector"]
     order += ["text.tower", "text.projector", "fusion",
               *(f"modality_fusion.{n}" for n in model.modality_fusion.components()), "modality_fusion", "head",
               *(f"head.{n}" for n in model.extra_heads), "other"]
 
     def optional(k: str) -> bool:  # listed only when the model has them
-        return k.startswith(("text.", "modality_fusion")) or k.endswith((".prompts", ".adapters"))
+        return k.startswith(("text.", "modality_fusion")) or (k == "head" and model.head is None) \
+            or k.endswith((".prompts", ".adapters", ".shared_token"))
 
     comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
