@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from ..config import Config
 from ..data import PairedTransform, ReIDData, Sample, build_test_loader, canonical_modality
 from ..evaluation import rank_metrics
-from ..modalities import image_modalities, short_name
+from ..modalities import caption_modality, image_modalities, short_name
 from ..registry import Registry
 from ..utils import atomic_path
 
@@ -51,7 +51,8 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
     model.eval()
     feats, indices = [], []
     for batch in loader:
-        images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
+        images = batch["images"] if modalities is None else \
+            {k: x for k, x in batch["images"].items() if (caption_modality(k) or k) in modalities}
         images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
         f = out.bn_feat if feat == "bn" else out.feat
@@ -159,13 +160,16 @@ class Evaluator:
             raise ValueError(f"eval.protocol: {e.args[0]}") from None
         self.protocol.check(cfg, data)
         self.qm, self.gm = eval_modalities(cfg, data)
-        partial = [f"eval.protocol={cfg.eval.protocol}"] if self.protocol.partial_inputs else []
+        # zero images in place of the missing ones keep every modality's input (IDEA's and DeMo's protocol)
+        zero_filled = isinstance(self.protocol, MissingProtocol) and cfg.eval.missing_fill == "zeros"
+        partial = [f"eval.protocol={cfg.eval.protocol}"] if self.protocol.partial_inputs and not zero_filled else []
         partial += [f"eval.{k}={m}" for k, m in (("query_modalities", self.qm), ("gallery_modalities", self.gm))
                     if m is not None and m != data.modalities]
         if partial and not handles_missing:
             raise ValueError(f"model.modality_fusion={cfg.model.modality_fusion} needs every modality "
                              f"{data.modalities}, but {', '.join(partial)} ranks features of fewer; use a modality "
-                             "fusion that handles absent modalities (concat, mean) for it")
+                             "fusion that handles absent modalities (concat, mean) for it"
+                             + (", or eval.missing_fill=zeros" if self.protocol.partial_inputs else ""))
         self._loaders: Dict[str, object] = {}
         self.features: Dict[str, FeatureSet] = {}
         self.ranked: Dict[str, Tuple[str, str]] = {}

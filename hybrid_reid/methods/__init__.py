@@ -56,6 +56,6 @@ def detect_layout(sd: StateDict):
     return None
 
 
-from . import mambapro  # noqa: E402,F401  (registers its layout)
+from . import idea, mambapro  # noqa: E402,F401  (register their layouts)
 
 __all__ = ["LAYOUTS", "Converted", "Layout", "detect_layout"]

@@ -11,6 +11,7 @@ from .backbone import (
 from .checkpoint import CheckpointError, load_model_weights, read_state_dict
 from .families import FAMILIES, TowerFamily
 from .fusion import FUSIONS, MODALITY_FUSIONS, FusionOutput, ModalityFusion, TowerFusion, TowerInfo
+from .idea import CooperativeDeformableAggregation, InvertedText
 from .mamba import MambaFusion, selective_scan
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
@@ -19,6 +20,7 @@ from .prompts import TowerPrompts
 __all__ = [
     "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
     "FusionOutput", "MambaFusion", "TowerInfo", "TowerPrompts", "selective_scan",
+    "CooperativeDeformableAggregation", "InvertedText",
     "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",
     "StridedPatchEmbed", "TowerFusion", "build_model", "create_backbone", "create_tower", "parameter_summary",

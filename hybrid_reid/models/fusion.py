@@ -167,11 +167,14 @@ class FusionOutput:
             the fusion's ``heads`` are trained with that head (BNNeck, classifier) and the ID / triplet
             losses; ``a:x`` and ``a:y`` share head ``a``.
         losses: {name: scalar} auxiliary losses, already weighted, added to the loss dict.
+        test_feat: in evaluation, the retrieval feature when it is not ``feat`` (IDEA ranks with other
+            features than the one its main head trains); the model's output ``feat`` is then this one.
     """
 
     feat: torch.Tensor
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    test_feat: Optional[torch.Tensor] = None
 
 
 class ModalityFusion(nn.Module):

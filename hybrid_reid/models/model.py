@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..modalities import caption_modality, image_modalities, is_text
 from ..modalities import get as get_modality
-from ..modalities import image_modalities, is_text
 from .backbone import Backbone, BackboneOutput, create_tower
 from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion, TowerInfo
@@ -169,26 +169,33 @@ class ReIDEncoder(nn.Module):
                    for b in self.backbones.values())
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> EncoderOutput:
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None,
+                text_tokens: Optional[Dict[str, torch.Tensor]] = None) -> EncoderOutput:
         """images [B,3,H,W] normalised with ``self.mean``/``self.std`` -> :class:`EncoderOutput`.
 
-        ``modality`` selects the towers' tokenizer and LoRA expert (when they have them)."""
+        ``modality`` selects the towers' tokenizer and LoRA expert (when they have them);
+        ``text_tokens`` ``{tower: [B, D_t]}`` are IDEA's inverted-text tokens (their outputs come back
+        as ``towers[t].text``, projected as ``projected[t].text``)."""
         outs: Dict[str, BackboneOutput] = {}
         feats: Dict[str, torch.Tensor] = {}
         tokens: Dict[str, torch.Tensor] = {}
         projected: Dict[str, BackboneOutput] = {}
         needs_tokens = self.fusion is not None and self.fusion.needs_tokens
         for t, backbone in self.backbones.items():
-            out = backbone(self._input_for(t, images), cam_ids, view_ids, modality)
+            text = text_tokens.get(t) if text_tokens else None
+            out = backbone(self._input_for(t, images), cam_ids, view_ids, modality,
+                           **({"text_token": text} if text is not None else {}))
             if t in self.multi_scale:
-                out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid)
+                out = BackboneOutput(out.cls + self.multi_scale[t](out.patches, out.grid), out.patches, out.grid,
+                                     out.text)
             outs[t] = out
             proj = self.projector(t)
             feats[t] = proj(out.cls)
             if needs_tokens or self.project_tokens:
                 tokens[t] = proj(out.patches)
             if self.project_tokens:
-                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid)
+                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid,
+                                              proj(out.text) if out.text is not None else None)
         feat = self.fusion(feats, tokens if needs_tokens else None) if self.fusion is not None \
             else next(iter(feats.values()))
         return EncoderOutput(feat=feat, tower_feats=feats, towers=outs, projected=projected)
@@ -229,14 +236,17 @@ class ReIDModel(nn.Module):
         text_encoder: the CLIP text tower for the ``text`` modality, or None.
         feat_dim: F (default: the encoder's).
         anchor: the modality the CLIP consistency target is computed from (``data.anchor_modality``).
+        inverted_text: IDEA's caption-to-token module (:class:`~hybrid_reid.models.idea.InvertedText`):
+            every image modality's own caption becomes one more token of that modality's image, or None.
     """
 
     def __init__(self, encoder: ReIDEncoder, head: ReIDHead, modality_fusion: ModalityFusion,
                  sdm: Optional[SemanticDisentanglement] = None, clip_teacher: Optional[Backbone] = None,
                  text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None,
-                 anchor: str = "rgb") -> None:
+                 anchor: str = "rgb", inverted_text: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.inverted_text = inverted_text
         self.anchor = anchor
         self.text_encoder = text_encoder
         self.text_projector: Optional[nn.Module] = None
@@ -265,20 +275,32 @@ class ReIDModel(nn.Module):
     def modalities(self) -> List[str]:
         return self.modality_fusion.modalities
 
+    @property
+    def tokenizer(self):
+        """What the loaders tokenise with: the ``text`` modality's tokenizer (or None), which also has
+        ``caption(modality, description)`` when the model reads a caption per image modality (IDEA)."""
+        text = self.text_encoder.tokenize if self.text_encoder is not None else None
+        return self.inverted_text.tokenizer(text) if self.inverted_text is not None else text
+
     def forward(self, images: Union[torch.Tensor, Dict[str, torch.Tensor]], cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
         """images: {modality: [B,3,H,W]} (any non-empty subset of ``self.modalities``; ``text`` as token
-        ids [B, L]), or one tensor when the model has a single modality; cam_ids, view_ids: [B] or None.
+        ids [B, L]; an image modality's own caption as token ids under ``caption_key(m)``, which IDEA's
+        inverted text needs), or one tensor when the model has a single modality; cam_ids, view_ids:
+        [B] or None.
 
         ``encoder`` in the output holds the image modalities only."""
         if isinstance(images, torch.Tensor):
             if len(self.modalities) != 1:
                 raise ValueError(f"the model has modalities {self.modalities}; pass images as a dict keyed by them")
             images = {self.modalities[0]: images}
+        captions = {caption_modality(k): x for k, x in images.items() if caption_modality(k) is not None}
+        images = {k: x for k, x in images.items() if caption_modality(k) is None}
         text_mod = next((m for m in images if is_text(m)), None)
         text = images.get(text_mod) if text_mod is not None else None
         image_inputs = {m: x for m, x in images.items() if not is_text(m)}
-        enc = self._encode(image_inputs, cam_ids, view_ids) if image_inputs else {}
+        text_tokens = self._text_tokens(image_inputs, captions) if self.inverted_text is not None else None
+        enc = self._encode(image_inputs, cam_ids, view_ids, text_tokens) if image_inputs else {}
         inputs = dict(enc)
         if text is not None:
             if self.text_encoder is None:
@@ -289,6 +311,8 @@ class ReIDModel(nn.Module):
         fused = self.modality_fusion(inputs)
         feat = fused.feat
         bn, logits = self.head(feat)
+        if fused.test_feat is not None and not self.training:  # the fusion ranks with another feature (IDEA)
+            feat = fused.test_feat
         extra = {}
         for name, f in fused.extra.items():
             head_name = name.split(":", 1)[0]  # "modality:rgb" and "modality:nir" share the head "modality"
@@ -303,6 +327,15 @@ class ReIDModel(nn.Module):
                           semantic=semantic, clip_global=clip_global, consistency_feat=consistency_feat,
                           extra=extra, aux_losses=dict(fused.losses))
 
+    def _text_tokens(self, images: Dict[str, torch.Tensor], captions: Dict[str, torch.Tensor]
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
+        """IDEA: every image modality's caption -> its inverted-text token per tower, {m: {tower: [B, D]}}."""
+        lacking = [m for m in images if m not in captions]
+        if lacking:
+            raise ValueError(f"model.inverted_text reads a caption per image modality; {lacking} came without one "
+                             f"(pass its token ids under '{lacking[0]}:caption'; data.modality_captions=true)")
+        return self.inverted_text({m: captions[m] for m in images})
+
     @torch.no_grad()
     def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
         """The frozen CLIP tower's global feature [B, C] of RGB images normalised for this model."""
@@ -313,23 +346,27 @@ class ReIDModel(nn.Module):
         return teacher.embed(rgb * scale + shift).float()
 
     def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
-                view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
+                view_ids: Optional[torch.Tensor], text_tokens: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+                ) -> Dict[str, EncoderOutput]:
         """Run the shared encoder on every modality. All modalities share every weight, so images of
         one shape go through as one batch of ``M*B`` (a quickstart step: 79 ms instead of 127 ms with
         ``M`` calls; identical results) and are split again. With modality experts (tokenizers,
         LoRA) every modality takes its own pass."""
         shapes = {tuple(x.shape) for x in images.values()}
+        tokens = text_tokens or {}
         if len(images) == 1 or len(shapes) > 1 or self.encoder.has_experts:  # experts: one pass per modality
-            return {m: self.encoder(x, cam_ids, view_ids, m) for m, x in images.items()}
+            return {m: self.encoder(x, cam_ids, view_ids, m, tokens.get(m)) for m, x in images.items()}
         n, b = len(images), next(iter(shapes))[0]
         rep = lambda t: None if t is None else t.repeat(n)  # noqa: E731
-        out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids))
+        joint = {t: torch.cat([tokens[m][t] for m in images]) for t in tokens[next(iter(images))]} if tokens else None
+        out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids), text_tokens=joint)
 
-        def part(t: torch.Tensor, i: int) -> torch.Tensor:
-            return t[i * b:(i + 1) * b]
+        def part(t: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
+            return None if t is None else t[i * b:(i + 1) * b]
 
         def split(outs: Dict[str, BackboneOutput], i: int) -> Dict[str, BackboneOutput]:
-            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid) for t, o in outs.items()}
+            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid, part(o.text, i))
+                    for t, o in outs.items()}
 
         return {m: EncoderOutput(
             feat=part(out.feat, i), tower_feats={t: part(f, i) for t, f in out.tower_feats.items()},
@@ -370,6 +407,8 @@ def param_group_of(name: str) -> str:
     if ".patch_embed.embeds." in name or ".patch_embed.adapters." in name:
         return "tokenizers"
     if name.startswith("encoder.backbones.") and ".parts." in name:
+        return "prompts"
+    if name.startswith("inverted_text.prompts"):  # IDEA's text prompts
         return "prompts"
     if (name.startswith("encoder.backbones.") and ".tower." in name) or name.startswith("text_encoder."):
         return "backbone"
@@ -417,6 +456,13 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
                                   cfg.adapters.ratio if cfg.adapters.enabled else 0.0)
             except ValueError as e:
                 raise ValueError(f"model.towers.{t}: {e}") from None
+    inverted = cfg.inverted_text
+    if inverted.enabled:  # IDEA: a slot for the inverted-text token in every tower
+        for t, b in backbones.items():
+            try:
+                b.install_text_token()
+            except ValueError as e:
+                raise ValueError(f"model.towers.{t}: {e}") from None
     ms = cfg.multi_scale
     multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
                    for t, b in backbones.items()} if ms.enabled else None
@@ -452,6 +498,19 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise type(e)(f"model.text: {e}") from None
         if cfg.freeze_backbone:
             text.requires_grad_(False)
+    inverted_text = None
+    if inverted.enabled:
+        from .idea import InvertedText
+
+        tc = cfg.text
+        try:
+            captions_tower = TextEncoder(tc.arch, tc.pretrained if load_pretrained else None, tc.context_length,
+                                         **tc.tower_kwargs)
+            inverted_text = InvertedText(captions_tower, {t: b.embed_dim for t, b in backbones.items()}, image_mods,
+                                         inverted.prompt_length, inverted.hidden_ratio, inverted.dropout,
+                                         inverted.template, inverted.bodies)
+        except (ValueError, CheckpointError) as e:
+            raise type(e)(f"model.inverted_text (its text tower: model.text): {e}") from None
     teacher = None
     if cfg.clip_consistency.weight > 0:  # a frozen CLIP beside any towers
         try:
@@ -459,14 +518,16 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         except (ValueError, CheckpointError) as e:
             raise type(e)(f"model.clip_consistency.teacher: {e}") from None
     return ReIDModel(encoder, ReIDHead(mfusion.out_dim, cfg.num_classes), mfusion, sdm,
-                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim, anchor=anchor)
+                     clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim, anchor=anchor,
+                     inverted_text=inverted_text)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     """Parameters per component: ``{"components": {name: {"params", "trainable"}}, "total", ...}``.
 
     Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
-    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion`` (when
+    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``<tower>.text_token`` and
+    ``inverted_text.{tower,prompts,inverse}`` (IDEA's), ``fusion``, ``modality_fusion`` (when
     it has parameters, e.g. the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
     branch; a parameter shared by two (CLIP's reused projection) is counted once, under the projector.
     """
@@ -480,6 +541,11 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
         parts[f"{t}.prompts"] = [] if p is None or p.prompts is None else \
             [*p.prompts.parameters(), *p.cross.parameters(), *p.transfer.parameters()]
         parts[f"{t}.adapters"] = p.adapters if p is not None else None
+        parts[f"{t}.text_token"] = b.text_token
+    it = model.inverted_text
+    parts["inverted_text.tower"] = it.text if it is not None else None
+    parts["inverted_text.prompts"] = [it.prompts] if it is not None and it.prompts is not None else []
+    parts["inverted_text.inverse"] = it.inverse if it is not None else None
     parts["fusion"] = enc.fusion
     parts["text.projector"] = model.text_projector
     parts["modality_fusion"] = model.modality_fusion
@@ -502,12 +568,13 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     if rest["params"]:
         comps["other"] = rest
     order = [f"{t}.{c}" for t in enc.backbones for c in ("tower", "sie", "multi_scale", "prompts", "adapters",
-                                                          "projector")]
-    order += ["text.tower", "text.projector", "fusion", "modality_fusion", "head",
-              *(f"head.{n}" for n in model.extra_heads), "other"]
+                                                          "text_token", "projector")]
+    order += ["text.tower", "text.projector", "inverted_text.tower", "inverted_text.prompts", "inverted_text.inverse",
+              "fusion", "modality_fusion", "head", *(f"head.{n}" for n in model.extra_heads), "other"]
 
     def optional(k: str) -> bool:  # listed only when the model has them
-        return k.startswith("text.") or k == "modality_fusion" or k.endswith((".prompts", ".adapters"))
+        return k.startswith(("text.", "inverted_text.")) or k == "modality_fusion" or \
+            k.endswith((".prompts", ".adapters", ".text_token"))
 
     comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
