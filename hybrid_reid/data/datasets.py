@@ -253,13 +253,15 @@ class RGBNT201:
     The modalities are paired by identical file name; pid = the first 6 digits, camid = the digit
     after ``cam`` minus 1 (as TOP-ReID / MambaPro parse it); query = gallery = ``test``. The
     ``text`` modality reads ``RGBNT201/captions.json`` (``{"<pid:06d>": caption}``; the synthetic
-    set writes one, the released RGBNT201 has none).
+    set writes one, the released RGBNT201 has none). ``data.modality_captions`` reads a caption per
+    image modality from ``RGBNT201/text/{train,test}_{RGB,NI,TI}.json`` (IDEA's), matched by file name.
     """
 
     folder = "RGBNT201"
     splits = {"train": "train_171", "test": "test"}
     modality_dirs = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
     extensible_modalities = True  # data.modality_dirs adds folders
+    has_modality_captions = True  # data.modality_captions: <folder>/text/{train,test}_<tag>.json
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
