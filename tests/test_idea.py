@@ -224,13 +224,23 @@ def test_layouts_recognise_only_their_own():
     assert detect_layout({k[len("state_dict."):]: v for k, v in mp.items() if k.startswith("state_dict.")}).name \
         == "mambapro"
     assert not LAYOUTS.get("mambapro").detect(sd)
-    others = {"topreid": ["RGB.base.cls_token", "TPM.Ro_start.weight", "bottleneck_TPM.weight", "CRM.NIRE.0.weight"],
-              "demo": ["BACKBONE.base.visual.proj", "BACKBONE.cv_embed", "generalFusion.r_token",
-                       "bottleneck_moe.weight", "rgb_reduce.0.weight"],
-              "mdreid": ["BACKBONE.base.visual.proj", "BACKBONE.cv_embed", "bottleneck_t.weight",
-                         "classifier_ts.weight"]}
+    ours = model_for()[0].state_dict()
+    assert not LAYOUTS.get("idea").detect(ours) and not LAYOUTS.get("mambapro").detect(ours)
+    assert LAYOUTS.get("idea").detect({"module.CDA.da_group.0.proj_q.weight": torch.zeros(1)})  # one key suffices
+    # one real key of every module family in their fixtures (/work/peers/<method>/fixture, state_dict.*)
+    others = {"topreid": ["RGB.base.cls_token", "NI.base.sie_embed", "TI.base.fc.bias", "RGB.bottleneck.bias",
+                          "RGB.classifier.weight", "TPM.Ro_start.Rotation.attn.k_.weight",
+                          "CRM.NIRE.re1.blocks.0.attn.proj.bias", "bottleneck_TPM.weight", "classifier_ViT.weight"],
+              "demo": ["BACKBONE.base.proj", "BACKBONE.base.conv1.weight", "BACKBONE.cv_embed",
+                       "generalFusion.r_token", "generalFusion.rnt.in_proj_bias",
+                       "generalFusion.moe.experts.0.expertHead.0.mlp.0.bias", "bottleneck_moe.weight",
+                       "classifier_moe.weight", "rgb_reduce.0.bias", "bottleneck.weight", "classifier.weight"],
+              "mdreid": ["BACKBONE.base.proj", "BACKBONE.base.add_image_token", "BACKBONE.cv_embed",
+                         "bottleneck_t.weight", "bottleneck_ts.weight", "bottleneck_s.weight",
+                         "classifier_ts.weight", "classifier_rs.weight"]}
     for name, keys in others.items():
-        assert not LAYOUTS.get("idea").detect(dict.fromkeys(keys, torch.zeros(1))), name
+        for prefix in ("", "module."):
+            assert not LAYOUTS.get("idea").detect(dict.fromkeys((prefix + k for k in keys), torch.zeros(1))), name
 
 
 def test_convert_weights_and_eval_their_checkpoint_end_to_end(fx, tmp_path):
