@@ -367,6 +367,25 @@ def test_missing_caption_file_or_entry_is_an_error_or_their_empty_fallback(tmp_p
         RGBNT201.load(str(tmp_path), MODS, modality_captions=True)
     with pytest.raises((ConfigError, ValueError), match="data.modality_captions=true"):
         load_config(METHOD, ["data.modality_captions=false"])
+    bad = text / "test_RGB.json"  # malformed files: each an error naming the file
+    for content, what in (('[{"item": "a.jpg", ', "is not valid JSON"), ('{"item": "a.jpg"}', "expected a JSON list"),
+                          ('[{"item": "a.jpg", "caption": "x"}]', r"entry 0 is not \{\"item\""),
+                          ('[{"item": "a.jpg", "description": 3}]', "entry 0 is not")):
+        bad.write_text(content)
+        with pytest.raises(DataError, match=rf"test_RGB.json.*{what}"):
+            read_caption_file(str(bad))
+    _synth(tmp_path / "v", "rgbnt100")  # the vehicle layouts name their own file too
+    os.remove(tmp_path / "v" / "RGBNT100" / "rgbir" / "text" / "test_TI.json")
+    with pytest.raises(DataError, match=r"RGBNT100/rgbir/text/test_TI.json is missing"):
+        RGBNT100.load(str(tmp_path / "v"), MODS, modality_captions=True)
+    _synth(tmp_path / "m", "msvr310")
+    text = tmp_path / "m" / "MSVR310" / "text"
+    entries = json.load(open(text / "train_RGB.json"))
+    dropped = entries.pop()["item"]
+    with open(text / "train_RGB.json", "w") as f:
+        json.dump(entries, f)
+    with pytest.raises(DataError, match=rf"MSVR310/text/train_RGB.json has no caption for {dropped}"):
+        MSVR310.load(str(tmp_path / "m"), MODS, modality_captions=True)
 
 
 def test_the_loader_delivers_each_modalitys_caption_ids(tmp_path):
