@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Literal, Tuple
 
-__all__ = ["TEXT", "Modality", "register", "get", "canonical", "is_text", "image_modalities", "names", "short_name"]
+__all__ = ["TEXT", "Modality", "register", "get", "canonical", "is_text", "image_modalities", "names", "short_name",
+           "caption_key", "caption_modality"]
 
 #: the name of the caption modality data sets fill from their caption files
 TEXT = "text"
@@ -120,3 +121,18 @@ def short_name(names_: Iterable[str]) -> str:
     names_ = list(names_)
     specs = [get(m) for m in names_]
     return "".join(s.short for s in specs) if all(s.short for s in specs) else "+".join(names_)
+
+
+#: a batch's ``images`` carries an image modality's own caption (IDEA's per-modality captions, token ids
+#: [B, L]) under ``caption_key(m)``, beside the image itself under ``m``
+CAPTION_SUFFIX = ":caption"
+
+
+def caption_key(modality: str) -> str:
+    """The batch key of ``modality``'s own caption (``rgb`` -> ``rgb:caption``)."""
+    return f"{modality}{CAPTION_SUFFIX}"
+
+
+def caption_modality(key: str):
+    """The image modality whose caption ``key`` holds, or None when ``key`` is not a caption key."""
+    return key[:-len(CAPTION_SUFFIX)] if key.endswith(CAPTION_SUFFIX) else None

@@ -149,6 +149,36 @@ class TextConfig:
 
 
 @dataclass
+class InvertedTextConfig:
+    """IDEA's inverted text: every image modality's own caption, read by a frozen CLIP text tower
+    (``model.text``: arch, pretrained, context_length) with learnable prompts, becomes one more token of
+    that modality's image in every tower (:mod:`hybrid_reid.models.idea`). Needs
+    ``data.modality_captions``.
+
+    Attributes:
+        enabled: build it (and the towers' text-token slots).
+        prompt_length: learnable prompt vectors, placed on the template's "X" words (IDEA: 2 on
+            RGBNT201, 1 on RGBNT100 / MSVR310).
+        hidden_ratio: the InverseNet's hidden width / the text embedding width (IDEA: 4).
+        dropout: the InverseNet's dropout (IDEA: 0.1).
+        template: the modality templates: ``person`` (RGBNT201), ``vehicle`` (MSVR310),
+            ``vehicle_short`` (RGBNT100) or ``custom`` (only ``bodies``).
+        bodies: ``{modality: text}`` after the placeholders, over the template's (a new modality needs one).
+    """
+
+    enabled: bool = False
+    prompt_length: int = 2
+    hidden_ratio: float = 4.0
+    dropout: float = 0.1
+    template: str = "person"
+    bodies: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prompt_length < 0 or self.hidden_ratio <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.inverted_text: prompt_length must be >= 0, hidden_ratio > 0, dropout in [0, 1)")
+
+
+@dataclass
 class SDMConfig:
     """Semantic disentanglement module (seed 003); its alignment loss is ``loss.sdm``."""
 
@@ -244,7 +274,9 @@ class ModelConfig:
         prompts, adapters: MambaPro's per-block modality prompts and parallel adapters in the towers
             (:class:`PromptConfig`, :class:`AdapterConfig`).
         sdm: semantic disentanglement module (:class:`SDMConfig`).
-        text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone.
+        text: the CLIP text tower for the ``text`` modality (:class:`TextConfig`), with any backbone;
+            also the one ``inverted_text`` reads captions with.
+        inverted_text: IDEA's per-modality caption tokens (:class:`InvertedTextConfig`).
         clip_consistency: CLIP consistency loss (:class:`ClipConsistencyConfig`) against a frozen
             CLIP image tower (its ``teacher`` spec), beside any towers.
         sync_bn: BatchNorm layers (the BNNeck ...) normalise with the statistics of the global batch
@@ -275,6 +307,7 @@ class ModelConfig:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     sdm: SDMConfig = field(default_factory=SDMConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    inverted_text: InvertedTextConfig = field(default_factory=InvertedTextConfig)
     clip_consistency: ClipConsistencyConfig = field(default_factory=ClipConsistencyConfig)
     sync_bn: Optional[bool] = None
     towers: Dict[str, TowerConfig] = field(default_factory=dict)
@@ -342,6 +375,13 @@ class DataConfig:
         manifest: ``manifest`` only: the CSV / JSON-lines file (a relative path is read against
             ``root``); null = ``root/manifest.csv`` (else ``manifest.jsonl``). The image paths in its
             rows are relative to the manifest's own folder.
+        modality_captions: read a caption per image of every image modality, IDEA's layout:
+            ``<DATASET>/text/{train,test}_{RGB,NI,TI}.json`` (RGBNT100: ``RGBNT100/rgbir/text/``; a
+            declared modality: ``_<its folder>.json``), JSON lists of ``{"item": <image file name>,
+            "description": <caption>}``, matched by file name; ``train_*`` for the training split,
+            ``test_*`` for query and gallery. rgbnt201, rgbnt100, msvr310 and synthetic.
+        missing_caption: an image without a caption entry is an ``error`` (naming file and image), or
+            gets an ``empty`` description (IDEA's reader; counted in a warning).
     """
 
     name: str = "rgbnt201"
@@ -360,6 +400,8 @@ class DataConfig:
     modality_dirs: Dict[str, str] = field(default_factory=dict)
     camera_pattern: str = DEFAULT_CAMERA_PATTERN
     manifest: Optional[str] = None
+    modality_captions: bool = False
+    missing_caption: Literal["error", "empty"] = "error"
 
     def __post_init__(self) -> None:
         try:
@@ -583,6 +625,9 @@ class Config:
 
         for name, m in self.modalities.items():  # declared modalities become known everywhere
             registry.register(registry.Modality(name, m.kind, m.channels, tuple(m.aliases), m.short))
+        if self.model.inverted_text.enabled and not self.data.modality_captions:
+            raise ValueError("model.inverted_text reads a caption per image modality: set data.modality_captions=true "
+                             "(files <DATASET>/text/{train,test}_{RGB,NI,TI}.json)")
 
 
 def merge_layer(merged: Dict[str, Any], layer: Dict[str, Any], where: str = "config") -> Dict[str, Any]:

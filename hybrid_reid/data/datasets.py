@@ -46,6 +46,8 @@ class Sample(NamedTuple):
         pools: ``{modality: files}``: unpaired modalities (ORBench) whose image is drawn from these
             files of the same identity at every training step; ``paths`` holds the first one,
             which evaluation uses.
+        captions: ``{image modality: description}``: a caption of each modality's own image (IDEA's
+            per-modality captions, ``data.modality_captions``), or None.
     """
 
     paths: Dict[str, str]
@@ -56,6 +58,7 @@ class Sample(NamedTuple):
     sceneid: int = -1
     crops: Optional[Dict[str, Tuple[int, int]]] = None
     pools: Optional[Dict[str, Tuple[str, ...]]] = None
+    captions: Optional[Dict[str, str]] = None
 
     @property
     def modalities(self) -> List[str]:
@@ -230,6 +233,65 @@ class Problems:
         raise DataError("\n".join([f"{self.where}: {count}; nothing was loaded ({self.fix}):", *shown]))
 
 
+#: the file tag of a modality in per-modality caption files (IDEA's ``text/{train,test}_{RGB,NI,TI}.json``);
+#: a modality declared in the config uses its folder name (``data.modality_dirs``)
+CAPTION_TAGS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
+
+
+def read_caption_file(path: str) -> Dict[str, str]:
+    """A caption file (a JSON list of ``{"item": <image file name>, "description": <text>}``) as
+    ``{item: description}``; when an item is listed twice the first entry counts (as a linear search)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: data.modality_captions reads one caption file per split and image "
+                        "modality (IDEA's QwenVL_Anno/<DATASET>/text/*.json belong in <DATASET>/text/); copy them "
+                        "there or set data.modality_captions=false")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{\"item\": <image file name>, \"description\": <text>}}")
+    out: Dict[str, str] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("item"), str) or not isinstance(e.get("description"), str):
+            raise DataError(f"{path}: entry {i} is not {{\"item\": <image file name>, \"description\": <text>}}: "
+                            f"{str(e)[:200]}")
+        out.setdefault(e["item"], e["description"])
+    return out
+
+
+def attach_captions(samples: List[Sample], text_dir: str, split: str, mods: Sequence[str],
+                    tags: Optional[Dict[str, str]] = None, missing: str = "error") -> List[Sample]:
+    """Each sample with ``captions``: per image modality m, the description of the entry of
+    ``text_dir/<split>_<tag of m>.json`` whose ``item`` is the sample's image file name (the name its
+    modalities share; RGBNT100's one three-strip file). ``split`` is ``train`` or ``test``. A sample
+    without an entry is an error naming the file and the image, or (``missing="empty"``, IDEA's own
+    behaviour) gets an empty description, counted in one warning."""
+    tags = {**CAPTION_TAGS, **(tags or {})}
+    image_mods = modalities_module_image(mods)
+    files = {m: os.path.join(text_dir, f"{split}_{tags.get(m, m)}.json") for m in image_mods}
+    tables = {m: read_caption_file(p) for m, p in files.items()}
+    lacking, out = 0, []
+    for s in samples:
+        name = os.path.basename(next(iter(s.paths.values())))
+        caps = {}
+        for m in image_mods:
+            text = tables[m].get(name)
+            if text is None:
+                if missing != "empty":
+                    raise DataError(f"{files[m]} has no caption for {name} ({s.paths[m]}); add an entry with "
+                                    f"item {name!r}, or set data.missing_caption=empty (an empty description, as "
+                                    "IDEA's reader gives)")
+                text, lacking = "", lacking + 1
+            caps[m] = text
+        out.append(s._replace(captions=caps))
+    if lacking:
+        logger.warning("%d caption(s) missing from %s: empty descriptions used (data.missing_caption=empty)", lacking,
+                       os.path.join(text_dir, f"{split}_*.json"))
+    return out
+
+
 @DATASETS.register("rgbnt201")
 class RGBNT201:
     """RGBNT201 as released: ``ROOT/RGBNT201/{train_171,test}/{RGB,NI,TI}/<pid:06d>_cam<c>_*.jpg``.
@@ -237,13 +299,15 @@ class RGBNT201:
     The modalities are paired by identical file name; pid = the first 6 digits, camid = the digit
     after ``cam`` minus 1 (as TOP-ReID / MambaPro parse it); query = gallery = ``test``. The
     ``text`` modality reads ``RGBNT201/captions.json`` (``{"<pid:06d>": caption}``; the synthetic
-    set writes one, the released RGBNT201 has none).
+    set writes one, the released RGBNT201 has none). ``data.modality_captions`` reads a caption per
+    image modality from ``RGBNT201/text/{train,test}_{RGB,NI,TI}.json`` (IDEA's), matched by file name.
     """
 
     folder = "RGBNT201"
     splits = {"train": "train_171", "test": "test"}
     modality_dirs = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
     extensible_modalities = True  # data.modality_dirs adds folders
+    has_modality_captions = True  # data.modality_captions: <folder>/text/{train,test}_<tag>.json
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
@@ -251,12 +315,13 @@ class RGBNT201:
         if not cfg.root:
             raise DataError(f"data.root is not set: point it at the folder that contains {cls.folder}/ "
                             "(e.g. data.root=/datasets), or use data.name=synthetic")
-        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None))
+        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None), **caption_options(cfg))
 
     @classmethod
-    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None
-             ) -> ReIDData:
-        """``modality_dirs`` adds (or renames) modality folders, e.g. ``{depth: Depth}``."""
+    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None,
+             modality_captions: bool = False, missing_caption: str = "error") -> ReIDData:
+        """``modality_dirs`` adds (or renames) modality folders, e.g. ``{depth: Depth}``;
+        ``modality_captions`` reads a caption per image modality (:func:`attach_captions`)."""
         base = os.path.join(root, cls.folder)
         if not os.path.isdir(base):
             raise DataError(f"data.root={root!r} has no {cls.folder}/ folder; download {cls.folder} and set "
@@ -267,6 +332,10 @@ class RGBNT201:
         captions = cls._read_captions(base) if TEXT in mods else None
         train = cls._read_split(base, cls.splits["train"], image_mods, captions, dirs)
         test = cls._read_split(base, cls.splits["test"], image_mods, captions, dirs)
+        if modality_captions:  # the split is ours to say, not a guess from a path containing "train"
+            tags = {m: d for m, d in dirs.items() if m not in CAPTION_TAGS}
+            train = attach_captions(train, os.path.join(base, "text"), "train", image_mods, tags, missing_caption)
+            test = attach_captions(test, os.path.join(base, "text"), "test", image_mods, tags, missing_caption)
         train = relabel(train)
         check_readable(train)
         check_readable(test)
@@ -322,6 +391,12 @@ def with_extra_dirs(own: Dict[str, str], extra: Optional[Dict[str, str]]) -> Dic
     for m, d in (extra or {}).items():
         out[canonical_modality(m)] = d
     return out
+
+
+def caption_options(cfg) -> Dict[str, object]:
+    """``data.modality_captions`` / ``data.missing_caption`` as keyword arguments of a reader's ``load``."""
+    return {"modality_captions": bool(getattr(cfg, "modality_captions", False)),
+            "missing_caption": getattr(cfg, "missing_caption", "error")}
 
 
 def modalities_module_image(mods: Sequence[str]) -> List[str]:
@@ -408,18 +483,26 @@ class SplitFolders:
     splits: Tuple[str, str, str] = ("bounding_box_train", "query", "bounding_box_test")
     available: Tuple[str, ...] = ()
 
-    @classmethod
-    def from_config(cls, cfg) -> ReIDData:
-        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None))
+    has_modality_captions = True  # data.modality_captions: <base>/text/{train,test}_<tag>.json
 
     @classmethod
-    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None
-             ) -> ReIDData:
+    def from_config(cls, cfg) -> ReIDData:
+        return cls.load(cfg.root, cfg.modalities, getattr(cfg, "modality_dirs", None), **caption_options(cfg))
+
+    @classmethod
+    def load(cls, root: str, modalities: Sequence[str], modality_dirs: Optional[Dict[str, str]] = None,
+             modality_captions: bool = False, missing_caption: str = "error") -> ReIDData:
         dirs = with_extra_dirs(getattr(cls, "modality_dirs", {}), modality_dirs)
         mods = check_modalities(cls.name, modalities, list(dirs) or cls.available)
         base = find_base(root, cls.candidates, cls.splits[0], cls.folder,
                          f"extract {cls.folder} so that {os.path.join(cls.candidates[0], cls.splits[0])}/ exists")
         train, query, gallery = (cls._read(base, split, mods, dirs) for split in cls.splits)
+        if modality_captions:  # train from train_*.json, query and gallery from test_*.json
+            text_dir = os.path.join(base, "text")
+            tags = {m: d for m, d in dirs.items() if m not in CAPTION_TAGS}
+            train = attach_captions(train, text_dir, "train", mods, tags, missing_caption)
+            query = attach_captions(query, text_dir, "test", mods, tags, missing_caption)
+            gallery = attach_captions(gallery, text_dir, "test", mods, tags, missing_caption)
         train = relabel(train)
         for ss in (train, query, gallery):
             check_readable(ss)
@@ -805,11 +888,13 @@ class Synthetic(RGBNT201):
 
     @classmethod
     def from_config(cls, cfg) -> ReIDData:
-        return cls.load(cfg.root, cfg.modalities, cfg.synth, getattr(cfg, "modality_dirs", None))
+        return cls.load(cfg.root, cfg.modalities, cfg.synth, getattr(cfg, "modality_dirs", None),
+                        **caption_options(cfg))
 
     @classmethod
     def load(cls, root: Optional[str], modalities: Sequence[str], spec=None,
-             modality_dirs: Optional[Dict[str, str]] = None) -> ReIDData:
+             modality_dirs: Optional[Dict[str, str]] = None, modality_captions: bool = False,
+             missing_caption: str = "error") -> ReIDData:
         from .synth import SynthSpec, ensure_generated
 
         spec = spec or SynthSpec()
@@ -818,7 +903,7 @@ class Synthetic(RGBNT201):
                   f"s{spec.seed}-{spec.size[0]}x{spec.size[1]}"
             root = os.path.join(default_cache_dir(), "synthetic", tag)
         ensure_generated(root, spec)
-        return super().load(root, modalities, modality_dirs)
+        return super().load(root, modalities, modality_dirs, modality_captions, missing_caption)
 
 
 #: ``data.*`` keys only some data sets read (their ``config_keys``), with the value that means "not set"
@@ -840,4 +925,7 @@ def load_data(cfg) -> ReIDData:
             owners = [n for n in DATASETS.names() if key in getattr(DATASETS.get(n), "config_keys", ())]
             raise DataError(f"data.{key}={value!r} is read only by data.name={' / '.join(owners)}; {cfg.name} "
                             f"ignores it: remove it (or set data.name)")
+    if getattr(cfg, "modality_captions", False) and not getattr(cls, "has_modality_captions", False):
+        raise DataError(f"data.modality_captions: {cfg.name} has no per-modality caption files (rgbnt201, rgbnt100, "
+                        "msvr310 and synthetic have, in <DATASET>/text/)")
     return cls.from_config(cfg)

@@ -1,7 +1,8 @@
 """Torch data sets, the PK identity sampler and the loaders the engine uses.
 
 A batch is a dict: ``{"images": {modality: [B, 3, H, W]}, "pids": [B], "cam_ids": [B],
-"view_ids": [B], "indices": [B]}``; the ``text`` modality is token ids ``[B, L]`` under ``images``.
+"view_ids": [B], "indices": [B]}``; the ``text`` modality is token ids ``[B, L]`` under ``images``, and so is
+an image modality's own caption (IDEA) under ``caption_key(m)`` (``rgb:caption``) when the model reads one.
 
 Randomness belongs to the sample, not to the worker: the training sampler yields
 :class:`SampleKey` s ``(index, epoch, position)`` — ``position`` is the sample's place in the epoch's
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..modalities import image_modalities, is_text
+from ..modalities import caption_key, image_modalities, is_text
 from .datasets import DataError, Sample, open_image
 from .transforms import PairedTransform, SampleRNG
 
@@ -43,6 +44,10 @@ class MultiModalDataset(Dataset):
         resample: draw unpaired modalities (``Sample.pools``, ORBench) afresh for every
             :class:`SampleKey` (training); otherwise each sample's fixed ``paths`` are used.
         seed: the run's seed, mixed into every sample's random stream.
+        tokenize: the model's tokenizer: ``tokenize(texts)`` for the ``text`` modality; when it also
+            has ``caption(modality, description)`` (a model that reads a caption per image modality,
+            IDEA), every image modality's caption (``Sample.captions``) is delivered as token ids under
+            ``caption_key(m)``.
 
     Indexing with a :class:`SampleKey` seeds the sample's augmentation and draws from ``(seed,
     epoch, position)``; a plain ``int`` index is the sample without randomness (evaluation), or, for
@@ -64,6 +69,15 @@ class MultiModalDataset(Dataset):
                 raise DataError(f"modality {m!r} requested but sample {lacking.paths} (pid {lacking.pid}) has no "
                                 f"{m!r} image")
         self.tokenize = tokenize
+        self.caption = getattr(tokenize, "caption", None)
+        if self.caption is not None:
+            lacking = next((s for s in self.samples if not s.captions or any(m not in s.captions
+                                                                              for m in self.modalities)), None)
+            if lacking is not None:
+                raise DataError(f"the model reads a caption per image modality (model.inverted_text), but sample "
+                                f"{lacking.paths} (pid {lacking.pid}) has none for {self.modalities}; set "
+                                "data.modality_captions=true and put the caption files in <DATASET>/text/")
+        self._caption_ids: Dict[Tuple[str, str], torch.Tensor] = {}
         self.transform = transform
         self.resample = resample
         self.seed = int(seed)
@@ -109,6 +123,12 @@ class MultiModalDataset(Dataset):
         inputs = self.transform(images, rng) if self.transform.train else self.transform(images)
         if self.with_text:
             inputs[self.text] = self.tokenize(s.text or "")[0]
+        if self.caption is not None:
+            for m in self.modalities:
+                key = (m, s.captions[m])
+                if key not in self._caption_ids:  # tokenised once per distinct caption
+                    self._caption_ids[key] = self.caption(m, s.captions[m])
+                inputs[caption_key(m)] = self._caption_ids[key]
         return {"images": inputs, "pids": s.pid, "cam_ids": s.camid, "view_ids": s.viewid, "indices": i}
 
 

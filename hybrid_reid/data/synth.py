@@ -20,9 +20,17 @@ Layout written (``<pid:06d>_cam<c>_<k:02d>.jpg``, cameras numbered from 1):
     OUT/RGBNT201/{train_171,test}/{RGB,NI,TI}/000001_cam1_00.jpg
     OUT/RGBNT201/synth.json       # the generator's parameters
     OUT/RGBNT201/captions.json    # {"000001": "a person in a red top and dark trousers with ..."}
+    OUT/RGBNT201/text/{train,test}_{RGB,NI,TI}.json   # [{"item": "000001_cam1_00.jpg", "description": ...}]
 
 Captions (the ``text`` modality) describe what a witness sees: the top's colour, the trousers'
 lightness and the fabric's stripes; never the heat pattern.
+
+Per-modality captions (``text/``, the layout of IDEA's QwenVL annotations, ``data.modality_captions``;
+also written for the ``rgbnt100`` and ``msvr310`` layouts) describe each image in its own modality,
+as a captioning model would: the RGB one the clothes' colours, the NIR one the fabric's stripes, the
+TIR one the warmest body part. Like a real captioner's they are not always right: per image and
+modality the identity's words are used with probability 0.7, a vague sentence without them 0.2, and
+another identity's words 0.1 (drawn from their own generator, so the images do not change).
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ HUE_NAMES = ("red", "green", "blue", "yellow")
 LOWER_NAMES = ("dark", "light")
 STRIPE_NAMES = [f"{'fine' if period < 8 else 'wide'} {direction} stripes"
                 for direction in ("horizontal", "vertical", "diagonal") for period in (5.0, 11.0)]
-GENERATOR_VERSION = 2  # bump when the output changes, so cached sets are regenerated
+GENERATOR_VERSION = 3  # bump when the output changes, so cached sets are regenerated (3: per-modality captions)
 
 
 def caption(codes) -> str:
@@ -59,7 +67,29 @@ def caption(codes) -> str:
     rgb, nir = int(codes[0]), int(codes[1])
     return (f"a person in a {HUE_NAMES[rgb // len(LOWER)]} top and {LOWER_NAMES[rgb % len(LOWER)]} trousers "
             f"with {STRIPE_NAMES[nir]}")
+HOT_SPOT_NAMES = ("head", "chest", "left side", "right side", "legs", "hands")
+CAPTION_PROBS = (0.7, 0.2, 0.1)  # per-modality captions: the identity's words, a vague sentence, wrong words
+
+
+def modality_caption(codes, modality: int, rng: np.random.Generator) -> str:
+    """One image's caption in one modality (0 RGB, 1 NIR, 2 TIR): usually the identity's code in words,
+    sometimes vague, sometimes wrong (see the module docstring)."""
+    kind = rng.choice(3, p=CAPTION_PROBS)
+    n = (N_RGB, N_NIR, N_TIR)[modality]
+    code = int(codes[modality]) if kind == 0 else (int(codes[modality]) + int(rng.integers(1, n))) % n
+    if modality == 0:
+        if kind == 1:
+            return "The person is wearing a top and trousers."
+        return (f"The person is wearing a {HUE_NAMES[code // len(LOWER)]} top and "
+                f"{LOWER_NAMES[code % len(LOWER)]} trousers.")
+    if modality == 1:
+        return "The clothes look bright." if kind == 1 else f"The clothes show {STRIPE_NAMES[code]}."
+    return "The body looks warm." if kind == 1 else f"The {HOT_SPOT_NAMES[code]} is the warmest part of the body."
+
+
 MODALITY_DIRS = ("RGB", "NI", "TI")
+CAPTION_FILE_TAGS = ("RGB", "NI", "TI")
+CAPTION_DIRS = {"rgbnt201": "text", "rgbnt100": os.path.join("rgbir", "text"), "msvr310": "text"}
 
 
 @dataclass(frozen=True)
@@ -242,6 +272,8 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
         for ids in (sorted(set(range(spec.ids)) - test_ids), sorted(test_ids)):
             number.update({pid: i for i, pid in enumerate(ids)})
     tmp = tempfile.mkdtemp(dir=out, prefix=f".tmp-{folder}-")
+    caption_rng = np.random.default_rng([spec.seed, 1])  # its own stream: the images stay as they were
+    modality_captions: dict = {(split, tag): [] for split in ("train", "test") for tag in CAPTION_FILE_TAGS}
     try:
         for pid in range(spec.ids):
             for c in range(spec.cams):
@@ -249,9 +281,21 @@ def generate(out: str, spec: SynthSpec = SynthSpec(), overwrite: bool = False, l
                     jitter = rng.uniform([-0.05, -0.05, -0.03], [0.05, 0.05, 0.03])
                     images = _render(codes[pid], builds[pid], cams[c], jitter, spec.size, rng,
                                      drawings=layout == "orbench")
-                    for path, img in _layout_files(layout, pid, c, k, pid in test_ids, images, number[pid]):
+                    files = _layout_files(layout, pid, c, k, pid in test_ids, images, number[pid])
+                    for path, img in files:
                         os.makedirs(os.path.join(tmp, os.path.dirname(path)), exist_ok=True)
                         Image.fromarray(img).save(os.path.join(tmp, path), quality=92)
+                    if layout in CAPTION_DIRS:
+                        split = "test" if pid in test_ids else "train"
+                        item = os.path.basename(files[0][0])
+                        for i, tag in enumerate(CAPTION_FILE_TAGS):
+                            modality_captions[(split, tag)].append(
+                                {"item": item, "description": modality_caption(codes[pid], i, caption_rng)})
+        if layout in CAPTION_DIRS:
+            os.makedirs(os.path.join(tmp, CAPTION_DIRS[layout]))
+            for (split, tag), entries in modality_captions.items():
+                with open(os.path.join(tmp, CAPTION_DIRS[layout], f"{split}_{tag}.json"), "w") as f:
+                    json.dump(entries, f, indent=0)
         if layout == "orbench":
             _orbench_annotations(tmp, spec, codes, test_ids, number)
         if layout in ("msmt17", "manifest"):

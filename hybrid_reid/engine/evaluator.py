@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data import PairedTransform, ReIDData, Sample, build_test_loader, canonical_modality
 from ..evaluation import rank_metrics
-from ..modalities import image_modalities, short_name
+from ..modalities import caption_modality, image_modalities, short_name
 from ..registry import Registry
 from ..utils import atomic_path
 
@@ -55,7 +55,8 @@ def extract_features(accelerator: Accelerator, model, loader, feat: str = "bn",
     feats, indices = [], []
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
     for batch in bar:
-        images = batch["images"] if modalities is None else {m: batch["images"][m] for m in modalities}
+        images = batch["images"] if modalities is None else \
+            {k: x for k, x in batch["images"].items() if (caption_modality(k) or k) in modalities}
         images = {m: torch.zeros_like(x) if m in zero else x for m, x in images.items()}
         out = model(images, batch["cam_ids"], batch["view_ids"])
         f = out.retrieval_feat(feat)
@@ -195,9 +196,9 @@ class Evaluator:
         if self.pair is not None:  # query and gallery of other modality sets (MDReID's any-to-any matching)
             qf, gf = self.pair(qf, q["modalities"], gf, g["modalities"])
         if qf.shape[1] != gf.shape[1]:
-            raise ValueError(f"query features are {qf.shape[1]} wide and gallery features {gf.shape[1]}: they come from "
-                             "other modality sets and only the model's fusion can pair them (MDReID's any-to-any); "
-                             "evaluate with run.py eval --config ... --checkpoint ..., not from saved features")
+            raise ValueError(f"query features are {qf.shape[1]} wide and gallery features {gf.shape[1]}: they come "
+                             "from other modality sets and only the model's fusion can pair them (MDReID's any-to-any);"
+                             " evaluate with run.py eval --config ... --checkpoint ..., not from saved features")
         return rank_metrics(qf, gf, q["pids"], g["pids"], q["camids"], g["camids"], metric=e.metric,
                             max_rank=e.max_rank, rerank=rerank, aqe=aqe, chunk_size=e.chunk_size)
 

@@ -125,7 +125,7 @@ def _transform(cfg: Config, model: ReIDModel, train: bool) -> PairedTransform:
 
 
 def _tokenizer(model: ReIDModel):
-    return model.text_encoder.tokenize if model.text_encoder is not None else None
+    return model.tokenizer
 
 
 def _evaluator(accelerator: Accelerator, cfg: Config, data: ReIDData, model: ReIDModel) -> Evaluator:

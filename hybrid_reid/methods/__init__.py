@@ -56,6 +56,6 @@ def detect_layout(sd: StateDict):
     return None
 
 
-from . import demo, mambapro, mdreid, topreid  # noqa: E402,F401  (each registers its layout)
+from . import demo, idea, mambapro, mdreid, topreid  # noqa: E402,F401  (each registers its layout)
 
 __all__ = ["LAYOUTS", "Converted", "Layout", "detect_layout"]

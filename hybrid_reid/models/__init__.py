@@ -14,6 +14,7 @@ from .decoupled import DecoupledFusion
 from .demo import DeMoFusion
 from .families import FAMILIES, TowerFamily
 from .fusion import FUSIONS, MODALITY_FUSIONS, FusionOutput, ModalityFusion, TowerFusion, TowerInfo
+from .idea import CooperativeDeformableAggregation, InvertedText
 from .mamba import MambaFusion, selective_scan
 from .model import EncoderOutput, ReIDEncoder, ReIDHead, ReIDModel, ReIDOutput, build_model, parameter_summary
 from .multi_scale import MultiScaleExtractor
@@ -23,7 +24,8 @@ from .topreid import TokenPermutationFusion
 
 __all__ = [
     "TOWERS", "FAMILIES", "FUSIONS", "MODALITY_FUSIONS", "ModalityFusion", "TowerFamily", "load_model_weights",
-    "DecoupledFusion", "DeMoFusion", "FusionOutput", "MambaFusion", "SharedToken", "TowerInfo", "TowerPrompts",
+    "CooperativeDeformableAggregation", "DecoupledFusion", "DeMoFusion", "InvertedText", "FusionOutput",
+    "MambaFusion", "SharedToken", "TowerInfo", "TowerPrompts",
     "selective_scan", "Backbone", "BackboneOutput", "CameraViewEmbedding", "CheckpointError", "ModalityTowers",
     "TokenPermutationFusion",
     "EncoderOutput", "MultiScaleExtractor", "ReIDEncoder", "ReIDHead", "ReIDModel", "ReIDOutput",

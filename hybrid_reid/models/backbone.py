@@ -56,12 +56,15 @@ class BackboneOutput:
         grid: (h, w) patch grid, ``h * w == N``.
         shared: [B, D] MDReID's modality-shared token (token 1), when the tower has one
             (:meth:`Backbone.install_shared_token`); else None.
+        text: [B, D] the output at the appended inverted-text token (IDEA; :meth:`Backbone.install_text_token`),
+            or None.
     """
 
     cls: torch.Tensor
     patches: torch.Tensor
     grid: Tuple[int, int]
     shared: Optional[torch.Tensor] = None
+    text: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -172,6 +175,24 @@ def tracing() -> bool:
                 or (hasattr(torch.compiler, "is_exporting") and torch.compiler.is_exporting()))
 
 
+class TextTokenSlot(nn.Module):
+    """IDEA's inverted-text token inside a tower: the token ``u`` [B, D] (made from a caption outside
+    the tower) enters as one more token after the patches, ``u + camera embedding + pos``, with its own
+    learned position vector ``pos`` [1, D] (init ``D^-1/2 * N(0, 1)``), before the pre-norm; every token
+    attends to it and the tower's output there is ``BackboneOutput.text``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(dim ** -0.5 * torch.randn(1, dim))
+
+    def forward(self, token: torch.Tensor, camera: Optional[torch.Tensor]) -> torch.Tensor:
+        """token [B, D], camera [B, D] or None -> [B, 1, D]."""
+        t = token + self.pos.to(token.dtype)
+        if camera is not None:
+            t = t + camera.to(token.dtype)
+        return t.unsqueeze(1)
+
+
 # ---------------------------------------------------------------------------------------- backbone
 class Backbone(nn.Module):
     """A timm ViT-family tower with camera/view embedding, optional CLIP projection and its preprocessing.
@@ -214,6 +235,7 @@ class Backbone(nn.Module):
         self.experts = ModalityExperts(self.tower, self.family)  # per-modality tokenizers / LoRA, on demand
         self.parts: Optional[TowerPrompts] = None  # MambaPro's prompts / parallel adapters, on demand
         self.shared_token: Optional[SharedToken] = None  # MDReID's modality-shared token, on demand
+        self.text_token: Optional[TextTokenSlot] = None  # IDEA's inverted-text token, on demand
         self._sie_bias: Optional[torch.Tensor] = None
         if sie is not None:
             self.tower.pos_drop.register_forward_pre_hook(self._add_sie)
@@ -231,26 +253,43 @@ class Backbone(nn.Module):
         return (x,)
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> BackboneOutput:
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None,
+                text_token: Optional[torch.Tensor] = None) -> BackboneOutput:
         """images [B, C, H, W] (normalised with ``mean``/``std``) -> :class:`BackboneOutput`.
 
         ``cam_ids`` / ``view_ids`` ([B], 0-based) are required when the backbone has a camera / view
         embedding and ignored otherwise. ``modality`` routes the forward through that modality's
-        tokenizer and LoRA expert when the backbone has them (:attr:`experts`).
+        tokenizer and LoRA expert when the backbone has them (:attr:`experts`). ``text_token`` [B, D]
+        is IDEA's inverted-text token (:meth:`install_text_token`); its output is ``.text``.
         """
+        if text_token is not None and self.text_token is None:
+            raise ValueError("a text token was given, but this tower has no slot for it (install_text_token; "
+                             "model.inverted_text.enabled)")
         if self.experts.enabled:
             self.experts.activate(modality)
         if self.sie is not None:
             self._sie_bias = self.sie(cam_ids, view_ids)
         try:
-            tokens = self._tokens_with_parts(images, modality) \
-                if self.parts is not None or self.shared_token is not None else self.tower.forward_features(images)
+            tokens = self._tokens_with_parts(images, modality, text_token) \
+                if self.parts is not None or self.shared_token is not None or text_token is not None \
+                else self.tower.forward_features(images)
         finally:
             self._sie_bias = None
+        text = None
+        if text_token is not None:
+            tokens, text = tokens[:, :-1], tokens[:, -1]
         npt = self.num_prefix_tokens
         glob = self.family.global_token(self.tower, tokens, self.pool, npt)
         shared = tokens[:, 1] if self.shared_token is not None else None
-        return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid, shared=shared)
+        return BackboneOutput(cls=glob, patches=tokens[:, npt:], grid=self.grid, shared=shared, text=text)
+
+    def install_text_token(self) -> None:
+        """Add IDEA's inverted-text token slot (:class:`TextTokenSlot`): a forward given ``text_token``
+        appends it after the patch tokens, with the camera embedding and its own position."""
+        if not self.family.supports_prompts:
+            raise ValueError(f"the inverted-text token needs timm Blocks that take an extra token; the "
+                             f"{self.family.name} family ({self.arch}) has none")
+        self.text_token = TextTokenSlot(self.embed_dim).to(next(self.tower.parameters()).device)
 
     def install_prompts(self, modalities: Sequence[str], length: int = 4, adapter_ratio: float = 2.0) -> None:
         """Add MambaPro's prompts (``length`` tokens per modality and block; 0 = none) and parallel
@@ -277,15 +316,19 @@ class Backbone(nn.Module):
         self.shared_token = SharedToken(self.tower, tie, self.arch)
         self.num_prefix_tokens += 1
 
-    def _tokens_with_parts(self, images: torch.Tensor, modality: Optional[str]) -> torch.Tensor:
+    def _tokens_with_parts(self, images: torch.Tensor, modality: Optional[str],
+                           text_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``forward_features`` with the tower's parts: timm's embedding steps (``_pos_embed`` adds the
         class token and positional embedding, or :attr:`shared_token` adds both leading tokens and its
-        table; the camera embedding hook sits on ``pos_drop`` either way), the blocks (run by
-        :attr:`parts` when it has prompts / adapters), the final norm."""
+        table; the camera embedding hook sits on ``pos_drop`` either way), IDEA's text token after the
+        patches (with the same camera embedding: ``sie_coef * table[cam]``), the pre-norm, the blocks
+        (run by :attr:`parts` when it has prompts / adapters), the final norm over every token."""
         t = self.tower
         x = t.patch_embed(images)
         x = self.shared_token(t, x) if self.shared_token is not None else t._pos_embed(x)
         x = t.patch_drop(x)
+        if text_token is not None:
+            x = torch.cat([x, self.text_token(text_token.to(x.dtype), self._sie_bias)], dim=1)
         x = t.norm_pre(x)
         if self.parts is not None:
             x = self.parts(t.blocks, x, modality)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..modalities import caption_modality, image_modalities, is_text
 from ..modalities import get as get_modality
-from ..modalities import image_modalities, is_text
 from .backbone import Backbone, BackboneOutput, ModalityTowers, create_tower, tower_copies
 from .checkpoint import CheckpointError
 from .fusion import FUSIONS, MODALITY_FUSIONS, ModalityFusion, TowerFusion, TowerInfo
@@ -193,10 +193,13 @@ class ReIDEncoder(nn.Module):
                    or (b.parts is not None and b.parts.prompts is not None) for b in self.backbones.values())
 
     def forward(self, images: torch.Tensor, cam_ids: Optional[torch.Tensor] = None,
-                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None) -> EncoderOutput:
+                view_ids: Optional[torch.Tensor] = None, modality: Optional[str] = None,
+                text_tokens: Optional[Dict[str, torch.Tensor]] = None) -> EncoderOutput:
         """images [B,3,H,W] normalised with ``self.mean``/``self.std`` -> :class:`EncoderOutput`.
 
-        ``modality`` selects the towers' tokenizer and LoRA expert (when they have them)."""
+        ``modality`` selects the towers' tokenizer and LoRA expert (when they have them);
+        ``text_tokens`` ``{tower: [B, D_t]}`` are IDEA's inverted-text tokens (their outputs come back
+        as ``towers[t].text``, projected as ``projected[t].text``)."""
         outs: Dict[str, BackboneOutput] = {}
         feats: Dict[str, torch.Tensor] = {}
         tokens: Dict[str, torch.Tensor] = {}
@@ -204,7 +207,9 @@ class ReIDEncoder(nn.Module):
         needs_tokens = self.fusion is not None and self.fusion.needs_tokens
         shared: Dict[str, torch.Tensor] = {}
         for t, backbone in self.backbones.items():
-            out = backbone(self._input_for(t, images), cam_ids, view_ids, modality)
+            text = text_tokens.get(t) if text_tokens else None
+            out = backbone(self._input_for(t, images), cam_ids, view_ids, modality,
+                           **({"text_token": text} if text is not None else {}))
             if t in self.multi_scale:
                 out = replace(out, cls=out.cls + self.multi_scale[t](out.patches, out.grid))
             outs[t] = out
@@ -215,7 +220,8 @@ class ReIDEncoder(nn.Module):
             if needs_tokens or self.project_tokens:
                 tokens[t] = proj(out.patches)
             if self.project_tokens:
-                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid, shared.get(t))
+                projected[t] = BackboneOutput(feats[t], tokens[t], out.grid, shared=shared.get(t),
+                                              text=proj(out.text) if out.text is not None else None)
         fuse = (lambda fs: self.fusion(fs, tokens if needs_tokens else None)) if self.fusion is not None \
             else (lambda fs: next(iter(fs.values())))
         if shared and len(shared) != len(feats):
@@ -263,14 +269,18 @@ class ReIDModel(nn.Module):
         feat_dim: F (default: the encoder's).
         anchor: the modality the CLIP consistency target is computed from (``data.anchor_modality``).
         num_classes: identities of the branches' classifiers (default: the head's).
+        inverted_text: IDEA's caption-to-token module (:class:`~hybrid_reid.models.idea.InvertedText`):
+            every image modality's own caption becomes one more token of that modality's image, or None.
     """
 
     def __init__(self, encoder: ReIDEncoder, head: Optional[ReIDHead], modality_fusion: ModalityFusion,
                  sdm: Optional[SemanticDisentanglement] = None, clip_teacher: Optional[Backbone] = None,
                  text_encoder: Optional[TextEncoder] = None, feat_dim: Optional[int] = None,
-                 anchor: str = "rgb", num_classes: Optional[int] = None) -> None:
+                 anchor: str = "rgb", num_classes: Optional[int] = None,
+                 inverted_text: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.inverted_text = inverted_text
         self.anchor = anchor
         self.text_encoder = text_encoder
         self.text_projector: Optional[nn.Module] = None
@@ -321,20 +331,32 @@ class ReIDModel(nn.Module):
 
         return load_pretrained(directory, device, overrides)[0]
 
+    @property
+    def tokenizer(self):
+        """What the loaders tokenise with: the ``text`` modality's tokenizer (or None), which also has
+        ``caption(modality, description)`` when the model reads a caption per image modality (IDEA)."""
+        text = self.text_encoder.tokenize if self.text_encoder is not None else None
+        return self.inverted_text.tokenizer(text) if self.inverted_text is not None else text
+
     def forward(self, images: Union[torch.Tensor, Dict[str, torch.Tensor]], cam_ids: Optional[torch.Tensor] = None,
                 view_ids: Optional[torch.Tensor] = None) -> ReIDOutput:
         """images: {modality: [B,3,H,W]} (any non-empty subset of ``self.modalities``; ``text`` as token
-        ids [B, L]), or one tensor when the model has a single modality; cam_ids, view_ids: [B] or None.
+        ids [B, L]; an image modality's own caption as token ids under ``caption_key(m)``, which IDEA's
+        inverted text needs), or one tensor when the model has a single modality; cam_ids, view_ids:
+        [B] or None.
 
         ``encoder`` in the output holds the image modalities only."""
         if isinstance(images, torch.Tensor):
             if len(self.modalities) != 1:
                 raise ValueError(f"the model has modalities {self.modalities}; pass images as a dict keyed by them")
             images = {self.modalities[0]: images}
+        captions = {caption_modality(k): x for k, x in images.items() if caption_modality(k) is not None}
+        images = {k: x for k, x in images.items() if caption_modality(k) is None}
         text_mod = next((m for m in images if is_text(m)), None)
         text = images.get(text_mod) if text_mod is not None else None
         image_inputs = {m: x for m, x in images.items() if not is_text(m)}
-        enc = self._encode(image_inputs, cam_ids, view_ids) if image_inputs else {}
+        text_tokens = self._text_tokens(image_inputs, captions) if self.inverted_text is not None else None
+        enc = self._encode(image_inputs, cam_ids, view_ids, text_tokens) if image_inputs else {}
         inputs = dict(enc)
         if text is not None:
             if self.text_encoder is None:
@@ -362,6 +384,15 @@ class ReIDModel(nn.Module):
                           extra=extra, aux_losses=dict(fused.losses), test_feat=fused.test_feat,
                           trains_feat=self.head is not None)
 
+    def _text_tokens(self, images: Dict[str, torch.Tensor], captions: Dict[str, torch.Tensor]
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
+        """IDEA: every image modality's caption -> its inverted-text token per tower, {m: {tower: [B, D]}}."""
+        lacking = [m for m in images if m not in captions]
+        if lacking:
+            raise ValueError(f"model.inverted_text reads a caption per image modality; {lacking} came without one "
+                             f"(pass its token ids under '{lacking[0]}:caption'; data.modality_captions=true)")
+        return self.inverted_text({m: captions[m] for m in images})
+
     @torch.no_grad()
     def _teacher_feature(self, rgb: torch.Tensor) -> torch.Tensor:
         """The frozen CLIP tower's global feature [B, C] of RGB images normalised for this model."""
@@ -372,24 +403,27 @@ class ReIDModel(nn.Module):
         return teacher.embed(rgb * scale + shift).float()
 
     def _encode(self, images: Dict[str, torch.Tensor], cam_ids: Optional[torch.Tensor],
-                view_ids: Optional[torch.Tensor]) -> Dict[str, EncoderOutput]:
+                view_ids: Optional[torch.Tensor], text_tokens: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+                ) -> Dict[str, EncoderOutput]:
         """Run the shared encoder on every modality. All modalities share every weight, so images of
         one shape go through as one batch of ``M*B`` (a quickstart step: 79 ms instead of 127 ms with
         ``M`` calls; identical results) and are split again. With modality experts (tokenizers,
         LoRA, prompts) or a tower copy per modality every modality takes its own pass."""
         shapes = {tuple(x.shape) for x in images.values()}
+        tokens = text_tokens or {}
         if len(images) == 1 or len(shapes) > 1 or self.encoder.has_experts:  # experts: one pass per modality
-            return {m: self.encoder(x, cam_ids, view_ids, m) for m, x in images.items()}
+            return {m: self.encoder(x, cam_ids, view_ids, m, tokens.get(m)) for m, x in images.items()}
         n, b = len(images), next(iter(shapes))[0]
         rep = lambda t: None if t is None else t.repeat(n)  # noqa: E731
-        out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids))
+        joint = {t: torch.cat([tokens[m][t] for m in images]) for t in tokens[next(iter(images))]} if tokens else None
+        out = self.encoder(torch.cat(list(images.values())), rep(cam_ids), rep(view_ids), text_tokens=joint)
 
-        def part(t: torch.Tensor, i: int) -> torch.Tensor:
-            return t[i * b:(i + 1) * b]
+        def part(t: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
+            return None if t is None else t[i * b:(i + 1) * b]
 
         def split(outs: Dict[str, BackboneOutput], i: int) -> Dict[str, BackboneOutput]:
-            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid,
-                                      None if o.shared is None else part(o.shared, i)) for t, o in outs.items()}
+            return {t: BackboneOutput(part(o.cls, i), part(o.patches, i), o.grid, shared=part(o.shared, i),
+                                      text=part(o.text, i)) for t, o in outs.items()}
 
         return {m: EncoderOutput(
             feat=part(out.feat, i), tower_feats={t: part(f, i) for t, f in out.tower_feats.items()},
@@ -431,6 +465,8 @@ def param_group_of(name: str) -> str:
     if ".patch_embed.embeds." in name or ".patch_embed.adapters." in name:
         return "tokenizers"
     if name.startswith("encoder.backbones.") and ".parts." in name:
+        return "prompts"
+    if name.startswith("inverted_text.prompts"):  # IDEA's text prompts
         return "prompts"
     if (name.startswith("encoder.backbones.") and ".tower." in name) or name.startswith("text_encoder."):
         return "backbone"
@@ -490,6 +526,13 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
                                   cfg.adapters.ratio if cfg.adapters.enabled else 0.0)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+    if cfg.inverted_text.enabled:  # IDEA: a slot for the inverted-text token in every tower (copy)
+        for t, copy_of, b in copies:
+            try:
+                b.install_text_token()
+            except ValueError as e:
+                raise ValueError(f"model.towers.{t}" + ("" if copy_of is None else f" ({copy_of} copy)") + f": {e}") \
+                    from None
     ms = cfg.multi_scale
     multi_scale = {t: MultiScaleExtractor(b.embed_dim, ms.window_sizes, ms.stride_ratio, ms.hidden_ratio)
                    for t, b in backbones.items()} if ms.enabled else None
@@ -514,11 +557,12 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
         raise ValueError(f"model.modality_fusion_kwargs for {cfg.modality_fusion!r}: {e}") from None
     except ValueError as e:
         raise ValueError(f"model.modality_fusion={cfg.modality_fusion}: {e}") from None
-    for t, b in backbones.items():  # tower parts the modality fusion reads (MDReID's shared token)
+    for t, copy_of, b in copies:  # tower parts the modality fusion reads (MDReID's shared token)
         try:
             mfusion.setup_tower(b)
         except ValueError as e:
-            raise ValueError(f"model.modality_fusion={cfg.modality_fusion} on model.towers.{t}: {e}") from None
+            raise ValueError(f"model.modality_fusion={cfg.modality_fusion} on model.towers.{t}"
+                             + ("" if copy_of is None else f" ({copy_of} copy)") + f": {e}") from None
     sdm = SemanticDisentanglement(cfg.feat_dim, cfg.sdm.semantic_dim, cfg.sdm.heads) if cfg.sdm.enabled else None
     text = None
     if any(is_text(m) for m in modalities):
@@ -530,6 +574,20 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise type(e)(f"model.text: {e}") from None
         if cfg.freeze_backbone:
             text.requires_grad_(False)
+    inverted_text = None
+    inverted = cfg.inverted_text
+    if inverted.enabled:
+        from .idea import InvertedText
+
+        tc = cfg.text
+        try:
+            captions_tower = TextEncoder(tc.arch, tc.pretrained if load_pretrained else None, tc.context_length,
+                                         **tc.tower_kwargs)
+            inverted_text = InvertedText(captions_tower, {t: b.embed_dim for t, b in backbones.items()}, image_mods,
+                                         inverted.prompt_length, inverted.hidden_ratio, inverted.dropout,
+                                         inverted.template, inverted.bodies)
+        except (ValueError, CheckpointError) as e:
+            raise type(e)(f"model.inverted_text (its text tower: model.text): {e}") from None
     teacher = None
     if cfg.clip_consistency.weight > 0:  # a frozen CLIP beside any towers
         try:
@@ -538,17 +596,18 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, modalities: Sequ
             raise type(e)(f"model.clip_consistency.teacher: {e}") from None
     head = ReIDHead(mfusion.out_dim, cfg.num_classes) if mfusion.feat_head else None
     return ReIDModel(encoder, head, mfusion, sdm, clip_teacher=teacher, text_encoder=text, feat_dim=cfg.feat_dim,
-                     anchor=anchor, num_classes=cfg.num_classes)
+                     anchor=anchor, num_classes=cfg.num_classes, inverted_text=inverted_text)
 
 
 def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     """Parameters per component: ``{"components": {name: {"params", "trainable"}}, "total", ...}``.
 
     Components are ``<tower>.tower``, ``<tower>.sie``, ``<tower>.multi_scale``, ``<tower>.projector``,
-    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``fusion``, ``modality_fusion.<part>``
-    for the parts a modality fusion names (``components()``: DeMo's ``pife``, ``hdm``, ``atmoe``,
-    TOP-ReID's ``tpm`` and ``crm``), ``modality_fusion`` (the rest of it, when it has parameters, e.g.
-    the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
+    ``<tower>.prompts`` and ``<tower>.adapters`` (MambaPro's), ``<tower>.shared_token`` (MDReID's),
+    ``<tower>.text_token`` and ``inverted_text.{tower,prompts,inverse}`` (IDEA's), ``fusion``,
+    ``modality_fusion.<part>`` for the parts a modality fusion names (``components()``: DeMo's
+    ``pife``, ``hdm``, ``atmoe``, TOP-ReID's ``tpm`` and ``crm``), ``modality_fusion`` (the rest of it,
+    when it has parameters, e.g. the Mamba aggregation), ``head`` and ``head.<branch>`` for each extra
     branch; a parameter shared by two (CLIP's reused projection) is counted once, under the projector.
     Per-modality towers (``model.share_towers: false``) list ``<tower>.<modality>.tower``, ``.sie``,
     ``.prompts``, ``.adapters`` for every copy.
@@ -566,8 +625,14 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
             parts[f"{key}.prompts"] = [] if p is None or p.prompts is None else \
                 [*p.prompts.parameters(), *p.cross.parameters(), *p.transfer.parameters()]
             parts[f"{key}.adapters"] = p.adapters if p is not None else None
+            parts[f"{key}.shared_token"] = b.shared_token
+            parts[f"{key}.text_token"] = b.text_token
         parts[f"{t}.multi_scale"] = enc.multi_scale[t] if t in enc.multi_scale else None
         parts[f"{t}.projector"] = [q for m in tower_copies(tower) for q in enc.projector(t, m).parameters()]
+    it = model.inverted_text
+    parts["inverted_text.tower"] = it.text if it is not None else None
+    parts["inverted_text.prompts"] = [it.prompts] if it is not None and it.prompts is not None else []
+    parts["inverted_text.inverse"] = it.inverse if it is not None else None
     parts["fusion"] = enc.fusion
     parts["text.projector"] = model.text_projector
     for name, m in model.modality_fusion.components().items():  # counted on their own, the rest below
@@ -593,20 +658,20 @@ def parameter_summary(model: ReIDModel) -> Dict[str, object]:
     if rest["params"]:
         comps["other"] = rest
     order = []
+    per_tower = ("tower", "sie", "prompts", "adapters", "shared_token", "text_token")
     for t in enc.backbones:
         if names[t] == [t]:  # one tower for every modality
-            order += [f"{t}.{c}" for c in ("tower", "sie", "multi_scale", "prompts", "adapters", "shared_token",
-                                            "projector")]
+            order += [f"{t}.{c}" for c in per_tower[:4] + ("multi_scale",) + per_tower[4:] + ("projector",)]
         else:  # a copy per modality
-            order += [f"{k}.{c}" for k in names[t] for c in ("tower", "sie", "prompts", "adapters", "shared_token")]
+            order += [f"{k}.{c}" for k in names[t] for c in per_tower]
             order += [f"{t}.multi_scale", f"{t}.projector"]
-    order += ["text.tower", "text.projector", "fusion",
-              *(f"modality_fusion.{n}" for n in model.modality_fusion.components()), "modality_fusion", "head",
-              *(f"head.{n}" for n in model.extra_heads), "other"]
+    order += ["text.tower", "text.projector", "inverted_text.tower", "inverted_text.prompts", "inverted_text.inverse",
+              "fusion", *(f"modality_fusion.{n}" for n in model.modality_fusion.components()), "modality_fusion",
+              "head", *(f"head.{n}" for n in model.extra_heads), "other"]
 
     def optional(k: str) -> bool:  # listed only when the model has them
-        return k.startswith(("text.", "modality_fusion")) or (k == "head" and model.head is None) \
-            or k.endswith((".prompts", ".adapters", ".shared_token"))
+        return k.startswith(("text.", "inverted_text.", "modality_fusion")) or (k == "head" and model.head is None) \
+            or k.endswith((".prompts", ".adapters", ".shared_token", ".text_token"))
 
     comps = {k: comps[k] for k in order if k in comps and (comps[k]["params"] or not optional(k))}
     total = sum(c["params"] for c in comps.values())
