@@ -72,6 +72,10 @@ def model_metadata(model, cfg: Config) -> Dict[str, str]:
     }
 
 
+#: metadata values stored as JSON (the rest are plain strings)
+JSON_KEYS = ("architecture", "modalities", "input_size", "mean", "std", "feature_dim")
+
+
 def read_metadata(path: str) -> Dict[str, object]:
     """A model file's metadata, JSON values decoded (``{}`` for a file written without it)."""
     from safetensors import safe_open
@@ -81,7 +85,7 @@ def read_metadata(path: str) -> Dict[str, object]:
     out: Dict[str, object] = {}
     for k, v in meta.items():
         try:
-            out[k] = json.loads(v) if k in ("architecture", "modalities", "input_size", "mean", "std") else v
+            out[k] = json.loads(v) if k in JSON_KEYS else v
         except json.JSONDecodeError:
             out[k] = v
     return out

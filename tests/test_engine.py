@@ -258,7 +258,7 @@ def test_eval_save_features_and_extract(trained, data_root, tmp_path):
     r = run_python("run.py", "extract", "--config", str(out / "config.yaml"), "--checkpoint",
                    str(out / "model.safetensors"), "--images", os.path.join(test_dir, "NI"), "--modality", "nir",
                    "--out", str(tmp_path / "nir.npz"))
-    assert r.returncode == 2 and "of its 1536 dimensions would be the same constant" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "128 of its 192 dimensions would be the same constant" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "nir.npz").exists()
     r = run_python("run.py", "extract", "--config", str(out / "config.yaml"), "--checkpoint",
                    str(out / "model.safetensors"), "--images", os.path.join(test_dir, "NI"), "--modality", "sketch")
@@ -271,7 +271,7 @@ def test_a_finished_run_is_a_model_folder(trained):
     metrics, out = trained["trained"]
     meta = read_metadata(str(out / "model.safetensors"))
     assert meta["format"] == "hybrid_reid.model.v1" and meta["modalities"] == ["rgb", "nir", "tir"]
-    assert meta["feature_dim"] == "1536" and meta["input_size"] == [64, 32] and meta["eval_feat"] == "bn"
+    assert meta["feature_dim"] == 192 and meta["input_size"] == [64, 32] and meta["eval_feat"] == "bn"
     card = (out / "README.md").read_text()
     assert f"| {metrics['mAP']:.2f} | {metrics['rank1']:.2f} |" in card and "protocol `market`" in card
     assert "8 epochs" in card and "```bash" in card  # how it was trained, and the command
