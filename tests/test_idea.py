@@ -169,7 +169,7 @@ def test_whole_model_eval_features_equal_theirs(fx, loaded):
         for ours, theirs in patterns.items():
             fusion.test_feat = ours  # model.modality_fusion_kwargs.test_feat
             with torch.no_grad():
-                feat = model(inputs(fx), fx["input.cam_label"]).feat
+                feat = model(inputs(fx), fx["input.cam_label"]).retrieval_feat("pre")
             assert close(F.normalize(feat, dim=1), fx[f"eval.pattern.{theirs}"]), ours
     finally:
         fusion.test_feat = "local_t"
