@@ -9,6 +9,10 @@ A suite is a YAML file::
     variants:                               # name -> dotted overrides (a list or a mapping)
       clip: [model.backbone=clip]
       clip+ms: {model.backbone: clip, model.multi_scale.enabled: true}
+      mambapro: {_base_: ../configs/methods/mambapro.yaml}   # a variant on another config
+
+A mapping variant may name its own ``_base_`` config (relative to the suite file): a method compared
+with its authors' recipe, the suite's ``overrides``, ``extra`` and seeds applied to it as to the rest.
 
 Every (variant, seed) trains in its own process into ``OUTPUT_DIR/<variant>/seed<k>/``. A run whose
 ``metrics.json`` exists is skipped and one with checkpoints but no ``metrics.json`` is resumed, so
@@ -59,6 +63,7 @@ class Run:
     seed: int
     overrides: List[str]
     output_dir: str
+    base: str = ""  # the config the run starts from (the suite's base, or the variant's _base_)
 
     @property
     def done(self) -> bool:
@@ -100,15 +105,21 @@ def load_suite(path: str, extra: Sequence[str] = ()) -> tuple:
     for name, spec in suite.variants.items():
         if "/" in name or name.startswith("."):
             raise ConfigError(f"suite {path}: variant name {name!r} must be a plain folder name")
+        run_base = base
+        if isinstance(spec, dict) and "_base_" in spec:
+            spec = dict(spec)
+            run_base = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), str(spec.pop("_base_"))))
+            if not os.path.isfile(run_base):
+                raise ConfigError(f"suite {path}, variant {name!r}: _base_ {run_base} does not exist")
         overrides = _as_overrides(name, spec)
         for seed in seeds:
             out = os.path.join(suite.output_dir, name, f"seed{seed}")
             args = [*suite.overrides, *overrides, *extra, f"seed={seed}", f"output_dir={out}"]
             try:
-                load_config(base, args)
+                load_config(run_base, args)
             except ConfigError as e:
                 raise ConfigError(f"suite {path}, variant {name!r}: {e}") from None
-            runs.append(Run(name, seed, args, out))
+            runs.append(Run(name, seed, args, out, run_base))
     return suite, base, runs
 
 
@@ -129,7 +140,7 @@ def run_sweep(path: str, extra: Sequence[str] = (), dry_run: bool = False, launc
     for r in runs:
         state = "done" if r.done else "resume" if r.resumable else "todo"
         listing.append({"variant": r.variant, "seed": r.seed, "state": state, "output_dir": r.output_dir,
-                        "command": [*cmd0, "train", "--config", base, *r.overrides] + (
+                        "command": [*cmd0, "train", "--config", r.base, *r.overrides] + (
                             ["--resume"] if state == "resume" else [])})
     if dry_run:
         return {"runs": listing, "results": None}

@@ -72,3 +72,27 @@ def test_results_markdown_means_and_stds():
             for s, m in ((0, 50.0), (1, 60.0))]
     md = results_markdown(rows, "t")
     assert "| a | 55.00 ± 7.07 |" in md and "2.00 M" in md
+
+
+def test_a_variant_can_start_from_its_own_config(tmp_path):
+    """_base_ in a variant: a method compared on its authors' recipe, with the suite's overrides and seeds."""
+    suite = write_suite(tmp_path, tmp_path / "data")
+    text = suite.read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text(f"_base_: {os.path.join(ROOT, 'configs', 'quickstart.yaml')}\nmodel: {{modality_fusion: mean}}\n"
+                     "optim: {lr: 0.0123}\n")
+    suite.write_text(text + "  own: {_base_: other.yaml, train.epochs: 2}\n")
+    _, base, runs = load_suite(str(suite))
+    own = [r for r in runs if r.variant == "own"]
+    assert [r.seed for r in own] == [0, 1] and all(r.base == str(other) for r in own)
+    assert all(r.base == base for r in runs if r.variant != "own")
+    from hybrid_reid.config import load_config
+
+    cfg = load_config(own[0].base, own[0].overrides)
+    assert cfg.optim.lr == 0.0123 and cfg.model.modality_fusion == "mean" and cfg.train.epochs == 2
+    assert cfg.data.root == str(tmp_path / "data") and cfg.seed == 0  # the suite's overrides and seeds apply
+    r = run_python("run.py", "sweep", str(suite), "--dry-run", "--verbose")
+    assert r.returncode == 0 and f"--config {other}" in r.stdout, r.stdout[-2000:]
+    suite.write_text(text + "  own: {_base_: nowhere.yaml}\n")
+    with pytest.raises(ConfigError, match="variant 'own'.*nowhere.yaml does not exist"):
+        load_suite(str(suite))
