@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_python
+from peers import close, their_checkpoint, their_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -36,11 +37,6 @@ TINY = {
 NO_DROPOUT = "model.modality_fusion_kwargs.attn_dropout=0.0"  # the fixture ran its HDM attention without dropout
 
 
-def close(ours, theirs, tol=1e-5):
-    """Equal to float32 rounding: |ours - theirs| <= tol + tol * |theirs| (torch.allclose)."""
-    return torch.allclose(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
-
-
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"demo_{tower}.safetensors"))
 
@@ -49,18 +45,6 @@ def inputs(fx):
     """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
     return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
             for m, t in THEIRS.items()}
-
-
-def their_state_dict(fx, prefix=""):
-    """The authors' ``model.state_dict()`` (float16-exact weights upcast, as their model ran)."""
-    return {prefix + k[len("state_dict."):]: v.float() if v.is_floating_point() else v for k, v in fx.items()
-            if k.startswith("state_dict.")}
-
-
-def their_checkpoint(fx, path, prefix=""):
-    """Their checkpoint as their training loop saves it (torch.save of model.state_dict())."""
-    torch.save(their_state_dict(fx, prefix), path)
-    return str(path)
 
 
 def model_for(tower, *extra, num_classes=5):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_python
+from peers import close
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -43,11 +44,6 @@ TINY = ["model.towers.clip.pretrained=null", "model.towers.clip.tower_kwargs={wi
 QUICK = ["data.modality_captions=true", "model.inverted_text.enabled=true", "model.text.context_length=77",
          "model.modality_fusion=cda", "model.modality_fusion_kwargs={ksize: 1, stride: 1}",
          "model.multi_scale.enabled=false", "loss.id.weight=0.25", "eval.feat=pre"]
-
-
-def close(ours, theirs, tol=1e-5):
-    """Equal to float32 rounding: |ours - theirs| <= tol + tol * |theirs| (torch.allclose)."""
-    return torch.allclose(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
 
 
 @pytest.fixture(scope="module")

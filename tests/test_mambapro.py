@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
+from peers import close, their_checkpoint
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -27,11 +28,6 @@ TINY = {
 CONFIG = {"clip": METHOD, "vit": os.path.join(ROOT, "configs", "methods", "mambapro_vit.yaml")}
 
 
-def close(ours, theirs, tol=1e-5):
-    """Equal to float32 rounding: |ours - theirs| <= tol + tol * |theirs| (torch.allclose)."""
-    return torch.allclose(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
-
-
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"mambapro_{tower}.safetensors"))
 
@@ -40,13 +36,6 @@ def inputs(fx):
     """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
     return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
             for m, t in THEIRS.items()}
-
-
-def their_checkpoint(fx, path):
-    """The authors' state_dict, as their training loop saves it (torch.save of model.state_dict())."""
-    torch.save({k[len("state_dict."):]: v.float() if v.is_floating_point() else v for k, v in fx.items()
-                if k.startswith("state_dict.")}, path)
-    return str(path)
 
 
 def model_for(tower, *extra, num_classes=5):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
+from peers import close, their_checkpoint, their_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,11 +34,6 @@ TINY = {
 CASES = ["RGB_NI_TI", "NI_TI", "RGB_TI", "RGB_NI", "TI", "NI", "RGB"]
 
 
-def close(ours, theirs, tol=1e-5):
-    """Equal to float32 rounding: |ours - theirs| <= tol + tol * |theirs| (torch.allclose)."""
-    return torch.allclose(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
-
-
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"mdreid_{tower}.safetensors"))
 
@@ -46,17 +42,6 @@ def inputs(fx):
     """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
     return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
             for m, t in THEIRS.items()}
-
-
-def their_state_dict(fx):
-    return {k[len("state_dict."):]: v.float() if v.is_floating_point() else v for k, v in fx.items()
-            if k.startswith("state_dict.")}
-
-
-def their_checkpoint(fx, path, prefix=""):
-    """The authors' state_dict, as their training loop saves it (torch.save of model.state_dict())."""
-    torch.save({prefix + k: v for k, v in their_state_dict(fx).items()}, path)
-    return str(path)
 
 
 def model_for(tower, *extra, num_classes=5):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
+from peers import close, their_checkpoint, their_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -28,25 +29,9 @@ TINY = ["model.towers.vit.pretrained=null", "model.towers.vit.tower_kwargs={widt
         "model.feat_dim=32", "model.towers.vit.drop_path=0.0", "model.modality_fusion_kwargs.heads=2"]
 
 
-def close(ours, theirs, tol=1e-5):
-    """Equal to float32 rounding: |ours - theirs| <= tol + tol * |theirs| (torch.allclose)."""
-    return torch.allclose(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
-
-
 @pytest.fixture(scope="module")
 def fx():
     return load_file(FIXTURE)
-
-
-def their_state_dict(fx, prefix=""):
-    return {prefix + k[len("state_dict."):]: v.float() if v.is_floating_point() else v for k, v in fx.items()
-            if k.startswith("state_dict.")}
-
-
-def their_checkpoint(fx, path, prefix=""):
-    """The authors' state_dict as their training loop saves it (torch.save of model.state_dict())."""
-    torch.save(their_state_dict(fx, prefix), path)
-    return str(path)
 
 
 def inputs(fx):

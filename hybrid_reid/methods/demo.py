@@ -22,8 +22,7 @@ from typing import Dict, List
 
 import torch
 
-from ..models.checkpoint import _openai_to_timm
-from . import LAYOUTS, Converted, Layout, StateDict
+from . import LAYOUTS, Converted, Layout, StateDict, backbone_base_tower
 
 MODALITY = {"r": "rgb", "n": "nir", "t": "tir", "rgb": "rgb", "nir": "nir", "tir": "tir"}
 FUSION = "modality_fusion."
@@ -41,23 +40,8 @@ def detect(sd: StateDict) -> bool:
 
 def _tower(sd: StateDict, out: Dict[str, object], unused: List[str]) -> str:
     """``BACKBONE.base.*`` (+ ``BACKBONE.cv_embed``) -> ``encoder.backbones.<tower>.*``; returns the tower."""
-    base = {k[len("BACKBONE.base."):]: v for k, v in sd.items() if k.startswith("BACKBONE.base.")}
-    if "class_embedding" in base:  # CLIP ("ViT-B-16"): OpenAI keys, through timm's public converter
-        tower = "clip"
-        timm_sd = _openai_to_timm({f"visual.{k}": v for k, v in base.items()}, None)
-        prefix = f"encoder.backbones.{tower}."
-        out[f"{prefix}proj.weight"] = timm_sd.pop("head.weight")
-        if "BACKBONE.cv_embed" in sd:
-            out[f"{prefix}sie.table"] = sd["BACKBONE.cv_embed"].flatten(1)
-    else:  # their TransReID ViT ("vit_base_patch16_224")
-        tower = "vit"
-        timm_sd = dict(base)
-        prefix = f"encoder.backbones.{tower}."
-        if "sie_embed" in timm_sd:
-            out[f"{prefix}sie.table"] = timm_sd.pop("sie_embed").flatten(1)
-        for k in [k for k in timm_sd if k.startswith("fc.")]:
-            timm_sd.pop(k)
-            unused.append(f"BACKBONE.base.{k}")
+    tower, prefix, timm_sd, placed = backbone_base_tower(sd, unused)
+    out.update(placed)
     for k, v in timm_sd.items():
         out[f"{prefix}tower.{k}"] = v
     return tower

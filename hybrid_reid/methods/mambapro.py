@@ -16,10 +16,9 @@ rgb, nir, tir.
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, List
 
-from ..models.checkpoint import _openai_to_timm
-from . import LAYOUTS, Converted, Layout, StateDict
+from . import LAYOUTS, Converted, Layout, StateDict, backbone_base_tower, without_module_prefix
 
 MODALITY = {"r": "rgb", "n": "nir", "t": "tir", "rgb": "rgb", "nir": "nir", "tir": "tir"}
 
@@ -87,27 +86,11 @@ def _aam(sd: StateDict, tower: str) -> Dict[str, object]:
 
 def convert(sd: StateDict) -> Converted:
     """Their ``MambaPro.state_dict()`` -> this project's keys (``configs/methods/mambapro*.yaml``)."""
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    base = {k[len("BACKBONE.base."):]: v for k, v in sd.items() if k.startswith("BACKBONE.base.")}
-    out: Dict[str, object] = {}
-    unused = []
+    sd = without_module_prefix(sd)
+    unused: List[str] = []
     notes = []
-    if "class_embedding" in base:  # CLIP ("ViT-B-16"): OpenAI keys, through timm's public converter
-        tower = "clip"
-        timm_sd = _openai_to_timm({f"visual.{k}": v for k, v in base.items()}, None)
-        prefix = f"encoder.backbones.{tower}."
-        out[f"{prefix}proj.weight"] = timm_sd.pop("head.weight")
-        if "BACKBONE.cv_embed" in sd:
-            out[f"{prefix}sie.table"] = sd["BACKBONE.cv_embed"]
-    else:  # their TransReID ViT ("vit_base_patch16_224")
-        tower = "vit"
-        timm_sd = dict(base)
-        prefix = f"encoder.backbones.{tower}."
-        if "sie_embed" in timm_sd:
-            out[f"{prefix}sie.table"] = timm_sd.pop("sie_embed").flatten(1)
-        for k in ("fc.weight", "fc.bias", "proj_special_vit"):
-            if timm_sd.pop(k, None) is not None:
-                unused.append(f"BACKBONE.base.{k}")
+    tower, prefix, timm_sd, out = backbone_base_tower(sd, unused, drop=("fc.", "proj_special_vit"))
+    if tower == "vit":
         notes.append("their ViT's prompts are concatenated on the batch axis and change nothing; "
                      "configs/methods/mambapro_vit.yaml has no prompts, which computes what their code does")
     out.update(_parts(timm_sd, prefix))
