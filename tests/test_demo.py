@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_python
-from peers import close, their_checkpoint, their_state_dict
-from PIL import Image
+from peers import THEIRS, close, their_checkpoint, their_inputs, their_state_dict, write_their_rgbnt201
 from safetensors.torch import load_file
 
 from hybrid_reid import build_model, load_config
@@ -24,7 +23,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "demo")
 METHOD = os.path.join(ROOT, "configs", "methods", "demo.yaml")
 CONFIG = {"clip": METHOD, "vit": os.path.join(ROOT, "configs", "methods", "demo_vit.yaml")}
 MODS = ["rgb", "nir", "tir"]
-THEIRS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
 SUBSETS = ["r", "n", "t", "rn", "rt", "nt", "rnt"]
 F_DIM, HEADS = 64, 4  # the fixture's DeMo width and ATMoE heads (expert width 16)
 # the fixture's tiny towers (their sizes, no pretrained file), otherwise the method's configs unchanged
@@ -39,12 +37,6 @@ NO_DROPOUT = "model.modality_fusion_kwargs.attn_dropout=0.0"  # the fixture ran 
 
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"demo_{tower}.safetensors"))
-
-
-def inputs(fx):
-    """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
-    return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for m, t in THEIRS.items()}
 
 
 def model_for(tower, *extra, num_classes=5):
@@ -66,7 +58,7 @@ def test_tower_tokens_equal_theirs(loaded):
     """Every modality's class and patch tokens in DeMo's space (CLIP: after ln_post and the projection)."""
     tower, fx, model, _ = loaded
     with torch.no_grad():
-        out = model(inputs(fx), fx["input.cam_label"])
+        out = model(their_inputs(fx), fx["input.cam_label"])
     for m, t in THEIRS.items():
         p = out.encoder[m].projected[tower]
         assert close(p.cls, fx[f"inter.backbone.{t}.cls"]), m
@@ -109,7 +101,7 @@ def test_whole_model_eval_feature_per_return_pattern(loaded):
     for pattern in (1, 2, 3):
         model.modality_fusion.return_pattern = pattern
         with torch.no_grad():
-            out = model(inputs(fx), fx["input.cam_label"])
+            out = model(their_inputs(fx), fx["input.cam_label"])
         assert close(out.test_feat, fx[f"eval.pattern{pattern}"]), pattern
     assert close(out.feat, fx["eval.pattern2"]) and close(out.extra["ori"].feat, fx["eval.pattern1"])
 
@@ -136,7 +128,7 @@ def test_one_training_step_equals_theirs(loaded):
     tower, fx, model, cfg = loaded
     model = copy.deepcopy(model).train()
     probe = copy.deepcopy(model.modality_fusion.moe).train()  # the ATMoE's train-mode parts, on a copy
-    out = model(inputs(fx), fx["input.cam_label"])
+    out = model(their_inputs(fx), fx["input.cam_label"])
     losses = build_criterion(cfg.loss)(out, fx["input.label"])
     assert close(out.feat, fx["train.moe_feat"]) and close(out.logits, fx["train.moe_score"])
     assert close(out.extra["ori"].feat, fx["train.ori"]) and close(out.extra["ori"].logits, fx["train.ori_score"])
@@ -174,28 +166,12 @@ def test_one_training_step_equals_theirs(loaded):
 def test_missing_modalities_fed_as_zero_images_equal_theirs(loaded):
     """Their TEST.MISS cases: the removed modalities' images are zeros after normalisation."""
     tower, fx, model, _ = loaded
-    x = inputs(fx)
+    x = their_inputs(fx)
     for case in ("r", "n", "t", "rn", "rt", "nt"):
         removed = [m for m in MODS if m[0] in case]
         with torch.no_grad():
             out = model({m: torch.zeros_like(v) if m in removed else v for m, v in x.items()}, fx["input.cam_label"])
         assert close(out.test_feat, fx[f"missing.{case}.pattern3"]), case
-
-
-def write_their_images(fx, root):
-    """Their four test images as an RGBNT201 folder (lossless PNG; identity and camera in the names), and
-    in the training split also a copy at camera 6, so that the data set has their 6 camera rows."""
-    for split in ("train_171", "test"):
-        for m, theirs_m in THEIRS.items():
-            d = root / "RGBNT201" / split / theirs_m
-            d.mkdir(parents=True)
-            u8 = fx[f"input.{theirs_m}.u8"].repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for i in range(4):
-                pid, cam = int(fx["input.label"][i]), int(fx["input.cam_label"][i])
-                Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(d / f"{pid:06d}_cam{cam + 1}_{i:02d}.png")
-            if split == "train_171":
-                Image.fromarray(u8[0].permute(1, 2, 0).numpy()).save(d / "000009_cam6_99.png")
-    return root
 
 
 def fixture_order(paths):
@@ -214,7 +190,7 @@ def test_missing_protocol_with_zero_fill_gives_their_missing_features(tmp_path):
     from hybrid_reid.engine.train import _evaluator, resolve_config
 
     fx = fixture("clip")
-    root = write_their_images(fx, tmp_path / "data")
+    root = write_their_rgbnt201(fx, tmp_path / "data", extra_train_camera=6)
     common = [*TINY["clip"], f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4", "model.num_cams=6",
               "eval.protocol=missing"]
     cfg = load_config(METHOD, [*common, "eval.missing_fill=zeros"])
@@ -258,7 +234,7 @@ def test_convert_weights_and_eval_their_checkpoint_end_to_end(tmp_path):
     assert converted["modality_fusion.moe.expert_weight"].shape == (7, HEADS, 16, 16)
     assert "modality_fusion.hdm.branches.rnt.in_proj_weight" in converted
     assert "extra_heads.ori.classifier.weight" in converted and "head.classifier.weight" in converted
-    root = write_their_images(fx, tmp_path / "data")
+    root = write_their_rgbnt201(fx, tmp_path / "data", extra_train_camera=6)
     common = [*TINY["clip"], f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4", "model.num_cams=6"]
     for i, ckpt in enumerate((theirs, str(ours))):
         feats = tmp_path / f"{os.path.basename(ckpt)}.npz"
@@ -316,7 +292,7 @@ def test_direct_0_heads_and_losses():
     model, cfg = model_for("clip", "model.modality_fusion_kwargs.direct=false")
     assert set(model.extra_heads) == {"rgb", "nir", "tir"}
     model.load_state_dict(converted, strict=True)
-    out = model.train()(inputs(fx), fx["input.cam_label"])
+    out = model.train()(their_inputs(fx), fx["input.cam_label"])
     losses = build_criterion(cfg.loss)(out, fx["input.label"])
     assert set(losses) == {"id", "triplet", "moe_aux", "total"} | {f"{k}.{m}" for k in ("id", "triplet") for m in MODS}
     y = fx["input.label"]
@@ -348,12 +324,12 @@ def test_ablation_switches_against_their_intermediates():
     model, _ = model_for("clip", "model.modality_fusion_kwargs.atmoe=false")
     model.load_state_dict({k: v for k, v in converted.items() if ".moe." not in k}, strict=True)
     with torch.no_grad():
-        out = model.eval()(inputs(fx), fx["input.cam_label"])
+        out = model.eval()(their_inputs(fx), fx["input.cam_label"])
     assert close(out.feat, torch.cat([fx[f"inter.hdm.{n}"] for n in SUBSETS], 1))
     model, _ = model_for("clip", "model.modality_fusion_kwargs.pife=false")
     model.load_state_dict({k: v for k, v in converted.items() if ".pife." not in k}, strict=True)
     with torch.no_grad():
-        out = model.eval()(inputs(fx), fx["input.cam_label"])
+        out = model.eval()(their_inputs(fx), fx["input.cam_label"])
     assert close(out.extra["ori"].feat, torch.cat([fx[f"inter.backbone.{t}.cls"] for t in THEIRS.values()], 1))
 
 

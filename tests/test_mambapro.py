@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
-from peers import close, their_checkpoint
-from PIL import Image
+from peers import THEIRS, close, their_checkpoint, their_inputs, write_their_rgbnt201
 from safetensors.torch import load_file, save_file
 
 from hybrid_reid import build_model, load_config
@@ -17,7 +16,6 @@ from hybrid_reid.models.checkpoint import load_model_weights
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "mambapro")
 METHOD = os.path.join(ROOT, "configs", "methods", "mambapro.yaml")
 MODS = ["rgb", "nir", "tir"]
-THEIRS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
 # the fixture's tiny towers (their sizes, no pretrained file), otherwise the method's configs unchanged
 TINY = {
     "clip": ["model.towers.clip.pretrained=null", "model.towers.clip.tower_kwargs={width: 64, layers: 2, heads: 2, "
@@ -30,12 +28,6 @@ CONFIG = {"clip": METHOD, "vit": os.path.join(ROOT, "configs", "methods", "mamba
 
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"mambapro_{tower}.safetensors"))
-
-
-def inputs(fx):
-    """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
-    return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for m, t in THEIRS.items()}
 
 
 def model_for(tower, *extra, num_classes=5):
@@ -56,7 +48,7 @@ def test_prompted_tower_equals_theirs(loaded):
     """The tower with prompts (CLIP) and parallel adapters: every token of every modality."""
     tower, fx, model, _ = loaded
     model.eval()
-    x = inputs(fx)
+    x = their_inputs(fx)
     with torch.no_grad():
         for m in MODS:
             enc = model.encoder(x[m], fx["input.cam_label"], modality=m)
@@ -88,7 +80,7 @@ def test_whole_model_eval_feature_equals_theirs(loaded):
     tower, fx, model, _ = loaded
     model.eval()
     with torch.no_grad():
-        out = model(inputs(fx), fx["input.cam_label"])
+        out = model(their_inputs(fx), fx["input.cam_label"])
     assert close(out.feat, fx["eval.feat"])  # MAMBA on: the fused feature, no BNNeck
     assert close(out.extra["ori"].feat, fx["eval.feat_nomamba"])  # MAMBA off: the concatenation
 
@@ -100,7 +92,7 @@ def test_one_training_step_equals_theirs(loaded):
     import copy
 
     model = copy.deepcopy(model).train()
-    out = model(inputs(fx), fx["input.cam_label"])
+    out = model(their_inputs(fx), fx["input.cam_label"])
     losses = build_criterion(cfg.loss)(out, fx["input.label"])
     assert close(out.feat, fx["train.fuse_feat"])
     assert close(out.logits, fx["train.fuse_score"])
@@ -123,7 +115,7 @@ def test_direct_0_recipe_equals_theirs(tower, tmp_path):
     fx = fixture(tower)
     model, cfg = model_for(tower, "model.modality_fusion_kwargs={direct: false}")
     load_model_weights(model, their_checkpoint(fx, tmp_path / "theirs.pth"))
-    out = model.train()(inputs(fx), fx["input.cam_label"])
+    out = model.train()(their_inputs(fx), fx["input.cam_label"])
     losses = build_criterion(cfg.loss)(out, fx["input.label"])
     for m in MODS:
         assert close(out.extra[f"modality:{m}"].logits, fx[f"train.direct0.{THEIRS[m]}_score"]), m
@@ -171,14 +163,7 @@ def test_convert_weights_and_eval_their_checkpoint_end_to_end(tmp_path):
     assert "extra_heads.ori.classifier.weight" in converted
     # their four test images as an RGBNT201 test split (lossless PNG; camera and identity in the names)
     root = tmp_path / "data"
-    for split in ("train_171", "test"):
-        for m, theirs_m in THEIRS.items():
-            d = root / "RGBNT201" / split / {"rgb": "RGB", "nir": "NI", "tir": "TI"}[m]
-            d.mkdir(parents=True)
-            u8 = fx[f"input.{theirs_m}.u8"].repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for i in range(4):
-                pid, cam = int(fx["input.label"][i]), int(fx["input.cam_label"][i])
-                Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(d / f"{pid:06d}_cam{cam + 1}_{i:02d}.png")
+    write_their_rgbnt201(fx, root)
     common = [*TINY["clip"], f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4", "model.num_cams=6"]
     for ckpt in (theirs, str(ours)):
         feats = tmp_path / f"{os.path.basename(ckpt)}.npz"

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
-from peers import close, their_checkpoint, their_state_dict
-from PIL import Image
+from peers import THEIRS, close, their_checkpoint, their_inputs, their_state_dict, write_their_rgbnt201
 from safetensors.torch import load_file
 
 from hybrid_reid import build_model, load_config
@@ -23,7 +22,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "mdreid")
 METHOD = os.path.join(ROOT, "configs", "methods", "mdreid.yaml")
 CONFIG = {"clip": METHOD, "vit": os.path.join(ROOT, "configs", "methods", "mdreid_vit.yaml")}
 MODS = ["rgb", "nir", "tir"]
-THEIRS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
 # the fixture's tiny towers (their sizes, no pretrained file), otherwise the method's configs unchanged
 TINY = {
     "clip": ["model.towers.clip.pretrained=null",
@@ -36,12 +34,6 @@ CASES = ["RGB_NI_TI", "NI_TI", "RGB_TI", "RGB_NI", "TI", "NI", "RGB"]
 
 def fixture(tower):
     return load_file(os.path.join(FIXTURES, f"mdreid_{tower}.safetensors"))
-
-
-def inputs(fx):
-    """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
-    return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for m, t in THEIRS.items()}
 
 
 def model_for(tower, *extra, num_classes=5):
@@ -82,7 +74,7 @@ def test_tower_tokens_equal_theirs(loaded):
     """Each modality alone through the tower with its shared token: the specific (class) token, the
     shared token (CLIP: after the projection) and the mean patch token; the ViT's whole token output."""
     tower, fx, model, _ = loaded
-    x, cams = inputs(fx), fx["input.cam_label"]
+    x, cams = their_inputs(fx), fx["input.cam_label"]
     with torch.no_grad():
         for m, t in THEIRS.items():
             enc = model.encoder(x[m], cams)
@@ -101,7 +93,7 @@ def test_eval_feature_for_every_modality_subset_equals_theirs(loaded):
     """Their test feature for the full input and each missing case ([sp of the present modalities, sh
     of the present modalities], no BNNeck); a subset's feature is those chunks of the full one."""
     tower, fx, model, _ = loaded
-    x, cams = inputs(fx), fx["input.cam_label"]
+    x, cams = their_inputs(fx), fx["input.cam_label"]
     d = fx["inter.RGB.specific"].shape[1]
     with torch.no_grad():
         full = model(x, cams).feat
@@ -122,7 +114,7 @@ def test_one_training_step_equals_theirs(loaded):
     after the step and the gradients of the heads and the tower's tokens and tables."""
     tower, fx, model, cfg = loaded
     model = copy.deepcopy(model).train()
-    out = model(inputs(fx), fx["input.cam_label"])
+    out = model(their_inputs(fx), fx["input.cam_label"])
     pids = fx["input.label"]
     losses = build_criterion(cfg.loss)(out, pids)
     for m, t in THEIRS.items():
@@ -250,18 +242,6 @@ def test_any_to_any_selection_theirs_and_matched(tower):
     assert q.shape == g.shape == (4, 5 * d)
 
 
-def _write_rgbnt201(fx, root):
-    """Their four test images as an RGBNT201 folder (lossless PNG; camera and identity in the names)."""
-    for split in ("train_171", "test"):
-        for m, t in THEIRS.items():
-            d = root / "RGBNT201" / split / t
-            d.mkdir(parents=True)
-            u8 = fx[f"input.{t}.u8"].repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for i in range(4):
-                pid, cam = int(fx["input.label"][i]), int(fx["input.cam_label"][i])
-                Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(d / f"{pid:06d}_cam{cam + 1}_{i:02d}.png")
-
-
 def test_convert_weights_and_eval_their_checkpoint_end_to_end(tmp_path, capsys, fresh_accelerate_state):
     """``convert-weights --from mdreid`` and ``eval --checkpoint THEIRS.pth`` (a multi-GPU ``module.`` save)
     on their images: the saved features are their test features; the missing-modality protocol gives
@@ -279,7 +259,7 @@ def test_convert_weights_and_eval_their_checkpoint_end_to_end(tmp_path, capsys, 
     assert "extra_heads.shared.classifier.weight" in converted
     assert not any("token.token" in k or "bottleneck_rs" in k for k in converted)  # tied; dead heads left out
     root = tmp_path / "data"
-    _write_rgbnt201(fx, root)
+    write_their_rgbnt201(fx, root)
     common = [*TINY["clip"], f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4", "model.num_cams=6"]
     feats = tmp_path / "feats.npz"
     r = run_python("run.py", "eval", "--config", METHOD, "--checkpoint", theirs, *common,
@@ -312,7 +292,7 @@ def test_any_to_any_queries_through_the_evaluator(tmp_path, a2a, case, fresh_acc
     fx = fixture("clip")
     theirs = their_checkpoint(fx, tmp_path / "theirs.pth")
     root = tmp_path / "data"
-    _write_rgbnt201(fx, root)
+    write_their_rgbnt201(fx, root)
     qm, gm, _, _ = a2a_cases(fx)[case]
     cfg = load_config(METHOD, [*TINY["clip"], f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4",
                                "model.num_cams=6", f"model.modality_fusion_kwargs={{a2a: {a2a}}}",

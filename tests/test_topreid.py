@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_python
-from peers import close, their_checkpoint, their_state_dict
-from PIL import Image
+from peers import THEIRS, close, their_checkpoint, their_inputs, their_state_dict, write_their_rgbnt201
 from safetensors.torch import load_file
 
 from hybrid_reid import build_model, load_config
@@ -22,7 +21,6 @@ from hybrid_reid.models.checkpoint import load_model_weights
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "topreid", "topreid_vit.safetensors")
 METHOD = os.path.join(ROOT, "configs", "methods", "topreid.yaml")
 MODS = ["rgb", "nir", "tir"]
-THEIRS = {"rgb": "RGB", "nir": "NI", "tir": "TI"}
 SHORT = {"r": "rgb", "n": "nir", "t": "tir"}
 # the fixture's tiny towers (their sizes, no pretrained file, no stochastic depth), TPM / CRM with 2 heads
 TINY = ["model.towers.vit.pretrained=null", "model.towers.vit.tower_kwargs={width: 32, layers: 2, heads: 2}",
@@ -32,12 +30,6 @@ TINY = ["model.towers.vit.pretrained=null", "model.towers.vit.tower_kwargs={widt
 @pytest.fixture(scope="module")
 def fx():
     return load_file(FIXTURE)
-
-
-def inputs(fx):
-    """The network input of the fixture's recipe: uint8 [4,3,32,16] -> normalised, x8 nearest."""
-    return {m: ((fx[f"input.{t}.u8"].float() / 255 - 0.5) / 0.5).repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for m, t in THEIRS.items()}
 
 
 def model_for(*extra, num_classes=5):
@@ -61,7 +53,7 @@ def test_each_modalitys_own_tower_equals_theirs(fx, loaded):
     model, _ = loaded
     towers = model.encoder.backbones["vit"]
     assert isinstance(towers, ModalityTowers) and list(towers) == MODS
-    x = inputs(fx)
+    x = their_inputs(fx)
     with torch.no_grad():
         for m, t in THEIRS.items():
             enc = model.encoder(x[m], fx["input.cam_label"], modality=m)
@@ -101,7 +93,7 @@ def test_complementary_reconstruction_and_its_loss_equal_theirs(fx, loaded):
 def test_whole_model_eval_feature_equals_theirs(fx, loaded):
     model, _ = loaded
     with torch.no_grad():
-        out = model(inputs(fx), fx["input.cam_label"])
+        out = model(their_inputs(fx), fx["input.cam_label"])
     assert close(out.feat, fx["eval.feat"])  # NECK_FEAT before: TPM's feature (eval.feat: pre)
     assert close(out.bn_feat, fx["eval.feat_after"])  # NECK_FEAT after: through bottleneck_TPM
     assert out.aux_losses == {}  # the reconstruction loss is a training loss
@@ -112,7 +104,7 @@ def test_every_missing_case_reconstructs_their_feature(fx, loaded, case):
     """TEST.MISS: the absent modalities' tokens rebuilt by CRM from the present ones, then TPM. The images
     of the absent modalities are simply not given (eval.missing_fill: drop)."""
     model, _ = loaded
-    x = {m: v for m, v in inputs(fx).items() if m not in {SHORT[c] for c in case}}
+    x = {m: v for m, v in their_inputs(fx).items() if m not in {SHORT[c] for c in case}}
     with torch.no_grad():
         out = model(x, fx["input.cam_label"])
     assert close(out.feat, fx[f"missing.{case}.feat"])
@@ -124,7 +116,7 @@ def test_one_training_step_equals_theirs(fx, loaded):
     loss at weight 1) and the BatchNorm statistics after the step."""
     model, cfg = loaded
     model = copy.deepcopy(model).train()
-    out = model(inputs(fx), fx["input.cam_label"])
+    out = model(their_inputs(fx), fx["input.cam_label"])
     losses = build_criterion(cfg.loss)(out, fx["input.label"])
     assert close(out.feat, fx["train.TPM_feature"]) and close(out.logits, fx["train.TPM_score"])
     assert close(out.extra["ori"].feat, fx["train.ori"]) and close(out.extra["ori"].logits, fx["train.ori_score"])
@@ -146,8 +138,8 @@ def test_direct_0_recipe_equals_theirs(fx, tmp_path):
     model, cfg = model_for("model.modality_fusion_kwargs.direct=false")
     load_model_weights(model, their_checkpoint(fx, tmp_path / "theirs.pth"))
     with torch.no_grad():
-        evaluated = model.eval()(inputs(fx), fx["input.cam_label"])
-    out = model.train()(inputs(fx), fx["input.cam_label"])
+        evaluated = model.eval()(their_inputs(fx), fx["input.cam_label"])
+    out = model.train()(their_inputs(fx), fx["input.cam_label"])
     losses = {k: v.detach() for k, v in build_criterion(cfg.loss)(out, fx["input.label"]).items()}
     for m, t in THEIRS.items():
         assert close(evaluated.extra[m].bn_feat, fx[f"inter.{t}.bnneck"]), m  # the tower BNNeck (eval)
@@ -292,14 +284,7 @@ def test_convert_weights_and_eval_their_checkpoint_end_to_end(fx, tmp_path):
     assert "encoder.backbones.vit.nir.sie.table" in converted and "extra_heads.tir.classifier.weight" in converted
     # their four test images as an RGBNT201 test split (lossless PNG; camera and identity in the names)
     root = tmp_path / "data"
-    for split in ("train_171", "test"):
-        for m, t in THEIRS.items():
-            d = root / "RGBNT201" / split / t
-            d.mkdir(parents=True)
-            u8 = fx[f"input.{t}.u8"].repeat_interleave(8, 2).repeat_interleave(8, 3)
-            for i in range(4):
-                pid, cam = int(fx["input.label"][i]), int(fx["input.cam_label"][i])
-                Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(d / f"{pid:06d}_cam{cam + 1}_{i:02d}.png")
+    write_their_rgbnt201(fx, root)
     common = [*TINY, f"data.root={root}", "data.num_workers=0", "data.test_batch_size=4", "model.num_cams=6"]
     for ckpt in (theirs, str(ours)):
         feats = tmp_path / f"{os.path.basename(ckpt)}.npz"
