@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -73,6 +73,19 @@ def declare_hint(name: str) -> str:
     return (f"declare it in the config's modalities: section (e.g. 'modalities: {{{name}: {{channels: 3}}}}', "
             f"channels 1 for one-channel images); known modalities: {', '.join(modalities.names())} (and their "
             "aliases: vis, ni, ti, th, sk, cp ...)")
+
+
+def csv_rows(reader, width: int, problems: Problems) -> Iterator[Tuple[int, List[str]]]:
+    """``(line number, values)`` of a CSV reader's rows after its header: blank lines skipped, a row
+    without ``width`` values reported to ``problems`` (with its line) and left out."""
+    for row in reader:
+        n = reader.line_num
+        if not any(v.strip() for v in row):
+            continue
+        if len(row) != width:
+            problems.add(f"{len(row)} values for the header's {width} columns", n)
+            continue
+        yield n, row
 
 
 @DATASETS.register("folder")
@@ -236,13 +249,7 @@ class FolderSet:
                 problems.add(f"the header {header} needs the columns file and camera", 1)
                 problems.raise_if_any()
             fi, ci = header.index("file"), header.index("camera")
-            for row in reader:
-                n = reader.line_num
-                if not any(v.strip() for v in row):
-                    continue
-                if len(row) != len(header):
-                    problems.add(f"{len(row)} values for the header's {len(header)} columns", n)
-                    continue
+            for n, row in csv_rows(reader, len(header), problems):
                 file, cam = row[fi].strip(), row[ci].strip()
                 key = os.path.normpath(file)
                 if not file or not cam:
@@ -396,13 +403,7 @@ class ManifestSet:
                 header = [h.strip() for h in next(reader, [])]
                 if not header:
                     raise DataError(f"{path} is empty: a manifest starts with a header such as split,pid,camera,rgb")
-                for values in reader:
-                    n = reader.line_num
-                    if not any(v.strip() for v in values):
-                        continue
-                    if len(values) != len(header):
-                        problems.add(f"{len(values)} values for the header's {len(header)} columns", n)
-                        continue
+                for n, values in csv_rows(reader, len(header), problems):
                     rows.append((n, dict(zip(header, values))))
             return header, rows
         if ext in (".jsonl", ".ndjson", ".json"):
