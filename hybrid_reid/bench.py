@@ -574,7 +574,8 @@ class NoDeviceError(RuntimeError):
 @BENCHMARKS.register("gpu")
 def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = False, device: str = "cuda",
               peak_tflops: Optional[float] = None, workers: Sequence[int] = (8,),
-              backbones: Sequence[str] = ("clip", "vit", "hybrid")) -> Dict:
+              backbones: Sequence[str] = ("clip", "vit", "hybrid"),
+              progress: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Training throughput on one GPU: images/s, peak memory and MFU, eager and compiled, plus the loader.
 
     For each of ``clip``, ``vit`` and ``hybrid`` (ViT-B/16 at 256x128, random init, rgb + nir + tir,
@@ -582,11 +583,17 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
     ``torch.compile`` off and on: median step time -> images/s, peak allocated memory, FLOPs per step
     (FlopCounterMode on the eager step: matmuls, convolutions, attention) and model FLOPs utilisation
     against the device's dense bf16 peak (:data:`PEAK_BF16`, or ``peak_tflops``). Compilation happens in
-    the warm-up rounds. The loader figure is the training loader (decode + augment, no cache) with
-    ``workers`` processes on a synthetic 256x128 set. ``tiny`` runs the same code on the tiny towers
-    (64x32; on a CPU with ``device="cpu"``: the quickstart's step, eager against compiled).
+    the warm-up rounds. ``train.deterministic``'s cost: the eager step with its switches on, timed
+    interleaved with the plain one (``<backbone>+deterministic``). The loader figure is the training
+    loader (decode + augment, no cache) with ``workers`` processes on a synthetic 256x128 set.
+    ``tiny`` runs the same code on the tiny towers (64x32; on a CPU with ``device="cpu"``: the
+    quickstart's step, eager against compiled).
+    ``progress`` receives the result so far after every candidate (``run_benchmark`` writes it, so
+    a run cut short keeps what it measured, marked ``"partial": true``).
     """
     dev = torch.device(device)
+    if dev.type == "cuda":  # as train.deterministic sets it; cuBLAS reads it once, at its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NoDeviceError("bench gpu: no GPU on this machine (torch.cuda.is_available() is False); run it on a "
                             "GPU machine, or pass --device cpu --tiny for a smoke run of the same code")
@@ -606,6 +613,11 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
             fns[name] = lambda step=step, b=data: step(b)
             if not compiled:
                 flops[backbone] = step_flops(fns[name])
+                # train.deterministic's cost: the same eager step with the deterministic switches, interleaved
+                det = time_interleaved({name: fns[name], "det": lambda fn=fns[name]: _deterministic_call(fn)},
+                                       reps, 1, dev)["det"]
+                figures["images_per_s"][f"{backbone}+deterministic"] = batch * len(modalities) / statistics.median(det)
+                figures.setdefault("median_step_s", {})[f"{backbone}+deterministic"] = statistics.median(det)
             times = time_interleaved({name: fns[name]}, reps, warmup, dev)[name]
             t = statistics.median(times)
             figures["images_per_s"][name] = batch * len(modalities) / t
@@ -615,14 +627,35 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
             if peak:
                 figures["mfu"][name] = flops[backbone] / t / peak
             figures.setdefault("median_step_s", {})[name] = t
-    ratios = {f"{b}+compile / {b}": figures["median_step_s"][f"{b}+compile"] / figures["median_step_s"][b]
-              for b in backbones}
+            if progress:
+                progress(_gpu_result(figures, backbones, tiny, batch, modalities, reps, warmup, dev, peak, True))
     figures["loader_images_per_s"] = _loader_rate(batch, reps=2, warmup=1, tiny=tiny, workers=workers)[0]
-    for k in [k for k, v in figures.items() if not v]:
-        del figures[k]
-    return {"name": "gpu", "goal": "images/s, peak memory and MFU of a training step, eager and compiled; the "
-                                   "loader keeps up", "method": "each candidate timed alone after its warm-up "
-                                   "(compilation included there); median over rounds",
+    return _gpu_result(figures, backbones, tiny, batch, modalities, reps, warmup, dev, peak, False)
+
+
+def _deterministic_call(fn: Callable[[], object]) -> object:
+    """``fn()`` under ``train.deterministic``'s switches (deterministic algorithms, cuDNN deterministic
+    without autotuning), restored afterwards."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        return fn()
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
+
+
+def _gpu_result(figures: Dict[str, Dict], backbones: Sequence[str], tiny: bool, batch: int, modalities: Sequence[str],
+                reps: int, warmup: int, dev: torch.device, peak: Optional[float], partial: bool) -> Dict:
+    steps = figures.get("median_step_s", {})
+    ratios = {f"{b}{v} / {b}": steps[f"{b}{v}"] / steps[b] for b in backbones for v in ("+compile", "+deterministic")
+              if f"{b}{v}" in steps and b in steps}
+    figures = {k: dict(v) for k, v in figures.items() if v}
+    head = {"name": "gpu", **({"partial": True} if partial else {})}
+    return {**head, "goal": "images/s, peak memory and MFU of a training step, eager and compiled; the loader keeps up",
+            "method": "each candidate timed alone after its warm-up (compilation included there); median over rounds",
             "setting": {**_setting(tiny, batch, modalities, reps, warmup), "precision": "bf16 autocast" if
                         dev.type == "cuda" else "fp32", "peak_bf16_tflops": peak / 1e12 if peak else None},
             "environment": environment(dev), "median_s": {}, "ratios": ratios, "iqr": {}, "figures": figures}
@@ -666,7 +699,10 @@ def _fmt(v) -> str:
 
 
 def to_markdown(result: Dict) -> str:
-    lines = [f"# Benchmark: {result['name']}", "", f"Goal: {result.get('goal', '-')}", "",
+    lines = [f"# Benchmark: {result['name']}", ""]
+    if result.get("partial"):
+        lines += ["**Partial: the run stopped before every candidate was measured.**", ""]
+    lines += [f"Goal: {result.get('goal', '-')}", "",
              "Setting: " + ", ".join(f"{k}={v}" for k, v in result["setting"].items()),
              "Environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()), "",
              f"Method: {result['method']}", ""]
@@ -702,8 +738,14 @@ def run_benchmark(name: str, out_dir: Optional[str] = "experiments/benchmarks", 
 
     fn = BENCHMARKS.get(name)
     accepted = inspect.signature(fn).parameters
+    if out_dir and "progress" in accepted:
+        kwargs["progress"] = lambda partial: _write_result(out_dir, name, partial)
     result = fn(**{k: v for k, v in kwargs.items() if k in accepted})
     if out_dir:
-        write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(os.path.join(out_dir, f"{name}.md"), to_markdown(result))
+        _write_result(out_dir, name, result)
     return result
+
+
+def _write_result(out_dir: str, name: str, result: Dict) -> None:
+    write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps(result, indent=2) + "\n")
+    write_atomic(os.path.join(out_dir, f"{name}.md"), to_markdown(result))

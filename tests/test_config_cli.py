@@ -213,11 +213,29 @@ def test_bench_gpu_tiny_on_cpu_runs_the_same_code(tmp_path):
                 "--workers", "0", "--backbones", "clip", "hybrid", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "gpu.json").read_text())
-    runs = {f"{b}{c}" for b in ("clip", "hybrid") for c in ("", "+compile")}
+    runs = {f"{b}{c}" for b in ("clip", "hybrid") for c in ("", "+compile", "+deterministic")}
     assert set(res["figures"]["images_per_s"]) == runs and all(v > 0 for v in res["figures"]["images_per_s"].values())
-    assert set(res["ratios"]) == {"clip+compile / clip", "hybrid+compile / hybrid"}
+    assert set(res["ratios"]) == {f"{b}{c} / {b}" for b in ("clip", "hybrid") for c in ("+compile", "+deterministic")}
+    assert "partial" not in res
     flops = res["figures"]["tflops_per_step"]
     assert flops["hybrid"] > flops["clip"] > 0 and flops["hybrid"] == flops["hybrid+compile"]
     assert res["figures"]["loader_images_per_s"]["workers=0"] > 0
     assert "mfu" not in res["figures"] and res["setting"]["precision"] == "fp32"  # no peak rate for a CPU
     assert "| hybrid+compile / hybrid |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_bench_gpu_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    from hybrid_reid import bench
+
+    def killed(*a, **k):  # the run stops where the loader figure would be measured
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_loader_rate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark("gpu", out_dir=str(tmp_path), device="cpu", tiny=True, batch=4, reps=1, warmup=1,
+                            backbones=("clip",))
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["partial"] is True and set(res["figures"]["images_per_s"]) == {"clip", "clip+deterministic",
+                                                                              "clip+compile"}
+    assert "loader_images_per_s" not in res["figures"] and "Partial" in (tmp_path / "gpu.md").read_text()
+    assert not torch.are_deterministic_algorithms_enabled()  # the switches are restored after the timing
