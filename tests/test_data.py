@@ -155,6 +155,23 @@ def test_pk_sampler_batches_and_rank_split():
         assert sorted(r0 + r1) == sorted(b)
     with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
         PKSampler(pids, 8, 2, num_replicas=3)
+
+
+def test_pk_sampler_shards_are_the_ranks_batches_whatever_the_process_count():
+    pids = np.repeat(np.arange(10), [2, 3, 4, 5, 6, 2, 3, 4, 5, 6])
+    ranks = [list(PKSampler(pids, 8, 2, seed=1, num_replicas=2, rank=r)) for r in range(2)]
+    one = PKSampler(pids, 8, 2, seed=1, shards=2)  # one process runs both shards, one after the other
+    assert len(one) == 10 and list(one)[0::2] == ranks[0] and list(one)[1::2] == ranks[1]
+    assert list(PKSampler(pids, 8, 2, seed=1, num_replicas=2, rank=1, shards=2)) == ranks[1]
+    four = [list(PKSampler(pids, 8, 2, seed=1, num_replicas=2, rank=r, shards=4)) for r in range(2)]
+    alone = list(PKSampler(pids, 8, 2, seed=1, shards=4))
+    for step in range(5):  # rank r runs shards 2r and 2r+1 of every step; one process runs all four in order
+        assert alone[4 * step:4 * step + 4] == four[0][2 * step:2 * step + 2] + four[1][2 * step:2 * step + 2]
+        assert all(len(b) == 2 for b in alone[4 * step:4 * step + 4])
+    with pytest.raises(ValueError, match="train.shards=4 cannot be split evenly over 3 processes"):
+        PKSampler(pids, 8, 2, num_replicas=3, shards=4)
+    with pytest.raises(ValueError, match="over train.shards=3"):
+        PKSampler(pids, 8, 2, shards=3)
     with pytest.raises(ValueError, match="only 10"):
         PKSampler(pids, 24, 2)
     with pytest.raises(ValueError, match="multiple of data.num_instances"):

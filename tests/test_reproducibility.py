@@ -166,3 +166,46 @@ def test_two_processes_take_the_one_process_first_step(data_root, tmp_path):
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     scale = max(one[k].abs().max().item() for k in one)
     assert worst < 1e-6 * max(1.0, scale), (worst, scale)
+
+
+def test_shards_give_one_and_two_processes_the_same_bits(data_root, tmp_path):
+    """``train.shards=2``: one process running both shards and two processes running one each end with
+    bitwise identical weights (BatchNorm's running statistics included) and metrics; drop path on, so
+    each shard's random stream is exercised."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # the same threads per process
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "run.py",
+               "train", "--config", QUICK, *tiny_overrides(data_root, out, 3), "train.shards=2",
+               "model.vit.drop_path=0.1"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "train.shards=2: every global batch is 2 independent shards of 8 samples" in r.stderr
+        runs[n] = (json.loads((out / "metrics.json").read_text()), load_file(str(out / "model.safetensors")))
+    (m1, w1), (m2, w2) = runs[1], runs[2]
+    assert m1["num_processes"] == 1 and m2["num_processes"] == 2 and m1["steps"] == m2["steps"] == 3 * 6
+    assert set(w1) == set(w2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(k.endswith("running_mean") for k in w1) and any(k.endswith("num_batches_tracked") for k in w1)
+    for key in ("mAP", "rank1", "mINP", "cmc"):
+        assert m1[key] == m2[key], key
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_shards_settings_that_contradict_are_refused(data_root, tmp_path):
+    from hybrid_reid.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match="train.shards=2 with train.grad_accum=2"):
+        load_config(QUICK, tiny_overrides(data_root, tmp_path / "a", 1) + ["train.shards=2", "train.grad_accum=2"])
+    with pytest.raises(ValueError, match="model.sync_bn=true contradicts train.shards=2"):
+        train(load_config(QUICK, tiny_overrides(data_root, tmp_path / "b", 1) + ["train.shards=2",
+                                                                                 "model.sync_bn=true"]))
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="over train.shards=3"):
+        train(load_config(QUICK, tiny_overrides(data_root, tmp_path / "c", 1) + ["train.shards=3"]))

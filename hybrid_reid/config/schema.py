@@ -473,6 +473,16 @@ class TrainConfig:
             deterministic with autotuning off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (slower kernels;
             CPU runs are repeatable without it).
         compile: wrap the model in ``torch.compile`` (the training forward has no graph breaks).
+        shards: train every global batch as this many independent shards (each ``batch_size /
+            shards`` samples, identities dealt round-robin), every shard with its own BatchNorm
+            statistics and its own triplet mining, as the authors' multi-GPU runs without SyncBN
+            do; the shard gradients are summed in shard order. Then 1, 2 ... ``shards`` processes
+            (any count that divides it, same threads per process) give bitwise the same weights.
+            One process runs its shards one after another; each shard's stochastic layers draw
+            from a generator seeded by (seed, step, shard), and only shard 0 updates BatchNorm's
+            running statistics. null (default): one shard per process, with ``model.sync_bn`` and
+            gathered triplet mining (the global batch's statistics; the same computation, not the
+            same bits, across process counts). Not combined with ``grad_accum`` > 1.
         log_with: experiment trackers, through Accelerate: ``tensorboard``, ``wandb``, ``mlflow``,
             ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio`` (each needs its
             package; a missing one is an error naming it), and ``csv`` (``OUTPUT_DIR/log.csv``, which
@@ -493,6 +503,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     deterministic: bool = False
     compile: bool = False
+    shards: Optional[int] = None
     log_with: List[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
@@ -503,6 +514,11 @@ class TrainConfig:
             raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.epochs < 0 or self.grad_accum < 1 or self.keep_checkpoints < 1:
             raise ValueError("train.epochs must be >= 0, train.grad_accum and train.keep_checkpoints >= 1")
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"train.shards must be >= 1 (or null), got {self.shards}")
+        if self.shards is not None and self.grad_accum > 1:
+            raise ValueError(f"train.shards={self.shards} with train.grad_accum={self.grad_accum}: use one of them "
+                             "(shards already split each step's batch into micro-batches)")
 
 
 def _default_losses() -> Dict[str, Dict[str, Any]]:

@@ -145,22 +145,32 @@ class PKSampler(Sampler[List[int]]):
     :class:`SampleKey` (index, epoch, position in the epoch's global order), which seed each
     sample's augmentation in :class:`MultiModalDataset`.
 
+    With ``shards`` S (``train.shards``), every global batch is dealt into S shards instead (shard
+    s takes identities ``s, s+S, ...``); rank r yields its S/R shards ``r*S/R ...`` one after
+    another, each as a batch.
+
     Args:
         pids: the label of every sample.
         batch_size: P*K over all ranks.
         num_instances: K.
         seed: base seed.
         num_replicas, rank: the data-parallel world (default: a single process).
+        shards: batches per global batch (default: ``num_replicas``, one per rank).
     """
 
     def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, shards: Optional[int] = None) -> None:
         if num_instances <= 0 or batch_size % num_instances:
             raise ValueError(f"data.batch_size={batch_size} must be a multiple of data.num_instances={num_instances}")
         self.p, self.k = batch_size // num_instances, num_instances
-        if self.p % num_replicas:
+        self.shards = shards or num_replicas
+        if self.shards % num_replicas:
+            raise ValueError(f"train.shards={self.shards} cannot be split evenly over {num_replicas} processes; "
+                             "use a process count that divides it")
+        if self.p % self.shards:
+            what = f"train.shards={self.shards}" if shards else f"{num_replicas} processes"
             raise ValueError(f"{self.p} identities per batch (data.batch_size / data.num_instances) cannot be "
-                             f"split evenly over {num_replicas} processes")
+                             f"split evenly over {what}")
         self.index_of: Dict[int, np.ndarray] = {}
         for i, p in enumerate(pids):
             self.index_of.setdefault(int(p), []).append(i)
@@ -178,7 +188,7 @@ class PKSampler(Sampler[List[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches * (self.shards // self.num_replicas)
 
     def global_batches(self) -> List[List[List[int]]]:
         """This epoch's global batches: ``[batch][identity] -> K sample indices``."""
@@ -217,18 +227,22 @@ class PKSampler(Sampler[List[int]]):
             start = b * self.batch_size
             keys = [SampleKey(i, self.epoch, start + j * self.k + n)
                     for j, ids in enumerate(batch) for n, i in enumerate(ids)]
-            mine = [keys[j * self.k:(j + 1) * self.k] for j in range(self.rank, len(batch), self.num_replicas)]
-            yield [key for ids in mine for key in ids]
+            per_rank = self.shards // self.num_replicas
+            for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+                mine = [keys[j * self.k:(j + 1) * self.k] for j in range(shard, len(batch), self.shards)]
+                yield [key for ids in mine for key in ids]
 
 
 def build_train_loader(samples: Sequence[Sample], modalities: Sequence[str], transform: PairedTransform,
                        batch_size: int, num_instances: int, seed: int, num_workers: int,
                        num_replicas: int = 1, rank: int = 0, cache: bool = False,
-                       tokenize: Optional[Callable[[str], torch.Tensor]] = None) -> DataLoader:
+                       tokenize: Optional[Callable[[str], torch.Tensor]] = None,
+                       shards: Optional[int] = None) -> DataLoader:
     """The training loader: P x K batches of this rank's identities, each sample's augmentation
     seeded by (``seed``, epoch, position), so its batches do not depend on ``num_workers`` or on
-    the number of processes. ``pin_memory`` and persistent workers are on when a GPU is used."""
-    sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank)
+    the number of processes. ``pin_memory`` and persistent workers are on when a GPU is used.
+    ``shards``: see :class:`PKSampler` (``train.shards``)."""
+    sampler = PKSampler([s.pid for s in samples], batch_size, num_instances, seed, num_replicas, rank, shards)
     gpu = torch.cuda.is_available()
     return DataLoader(MultiModalDataset(samples, modalities, transform, cache, tokenize, resample=True, seed=seed),
                       batch_sampler=sampler, num_workers=num_workers,

@@ -48,6 +48,7 @@ from ..models.sync_bn import convert_sync_batchnorm
 from ..pretrained import save_pretrained, write_model_card
 from ..utils import require_packages, write_atomic
 from .evaluator import METRIC_KEYS, Evaluator, metrics_table, save_features
+from .shards import ShardedStep
 from .state import (
     CHECKPOINT_PREFIX,
     LOCK_NAME,
@@ -390,8 +391,17 @@ def train(cfg: Config, resume: Optional[str] = None, allow_config_change: bool =
 
 
 def _prepare_model(accelerator: Accelerator, cfg: Config, model: ReIDModel) -> ReIDModel:
-    """Global-batch BatchNorm when several processes train (``model.sync_bn``)."""
-    if accelerator.num_processes > 1 and cfg.model.sync_bn is not False:
+    """Global-batch BatchNorm when several processes train (``model.sync_bn``); per-shard BatchNorm
+    with ``train.shards``."""
+    if cfg.train.shards and cfg.model.sync_bn:
+        raise ValueError(f"model.sync_bn=true contradicts train.shards={cfg.train.shards}: every shard normalises "
+                         "with its own statistics; leave model.sync_bn unset (or false)")
+    if cfg.train.shards:
+        logger.info("train.shards=%d: every global batch is %d independent shards of %d samples (%d per process), "
+                    "summed in shard order: the same bits for any process count dividing %d", cfg.train.shards,
+                    cfg.train.shards, cfg.data.batch_size // cfg.train.shards,
+                    cfg.train.shards // accelerator.num_processes, cfg.train.shards)
+    elif accelerator.num_processes > 1 and cfg.model.sync_bn is not False:
         n = convert_sync_batchnorm(model)
         logger.info("model.sync_bn: %d BatchNorm layer(s) normalise over the global batch of %d processes", n,
                     accelerator.num_processes)
@@ -434,14 +444,17 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
     train_loader = build_train_loader(
         data.train, data.modalities, _transform(cfg, model, train=True), cfg.data.batch_size,
         cfg.data.num_instances, cfg.seed, cfg.data.num_workers, accelerator.num_processes, accelerator.process_index,
-        cfg.data.cache_images, _tokenizer(model))
+        cfg.data.cache_images, _tokenizer(model), tc.shards)
     sampler = train_loader.batch_sampler
-    steps_per_epoch = len(train_loader) // tc.grad_accum
+    shards = ShardedStep(accelerator, tc.shards, cfg.seed) if tc.shards else None
+    micro_per_step = shards.per_process if shards else tc.grad_accum
+    steps_per_epoch = len(train_loader) // micro_per_step
     if tc.epochs and steps_per_epoch == 0:
         raise ValueError(f"train.grad_accum={tc.grad_accum} exceeds the {len(train_loader)} batches per epoch")
     optimizer = build_optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
-    criterion = build_criterion(cfg.loss, cfg.model.clip_consistency, cfg.data.anchor_modality)
+    criterion = build_criterion(cfg.loss, cfg.model.clip_consistency, cfg.data.anchor_modality,
+                                gather=tc.shards is None)
     model = _prepare_model(accelerator, cfg, model)
     # the train loader is not prepared: PKSampler already splits each global batch over the ranks
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -484,14 +497,14 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
         good_batches = torch.zeros((), device=device)
         epoch_skipped = 0
         batches = iter(train_loader)
-        bar = tqdm(range(steps_per_epoch * tc.grad_accum), disable=not accelerator.is_local_main_process,
+        bar = tqdm(range(steps_per_epoch * micro_per_step), disable=not accelerator.is_local_main_process,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
         for micro in bar:
             batch = send_to_device(next(batches), device, non_blocking=True)
-            if micro % tc.grad_accum == 0:  # BatchNorm statistics as they were before this step
+            if micro % micro_per_step == 0:  # BatchNorm statistics as they were before this step
                 buffers = [b.detach().clone() for b in model.buffers()]
                 loss_finite = torch.ones((), dtype=torch.bool, device=device)
-            with accelerator.accumulate(model):
+            with shards.shard(model, micro, progress.step) if shards else accelerator.accumulate(model):
                 out = model(batch["images"], batch["cam_ids"], batch["view_ids"])
                 losses = criterion(out, batch["pids"], epoch)
                 if progress.step + 1 in nan_steps:
@@ -505,14 +518,15 @@ def _train(accelerator: Accelerator, cfg: Config, resume: Optional[str], allow_c
                 for k, v in losses.items():
                     sums[k] += torch.where(finite, v.detach().float(), torch.zeros((), device=device))
                 good_batches += finite
-                reason = None
-                if accelerator.sync_gradients:
-                    reason = _guarded_clip(accelerator, model, loss_finite, max_norm)
-                if reason is None:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            # (outside the context: Accelerate's no-op step and zero_grad of a non-final micro-step are skipped)
+            if not (shards.is_last(micro) if shards else accelerator.sync_gradients):
                 continue
+            if shards:
+                shards.reduce(model)
+            reason = _guarded_clip(accelerator, model, loss_finite, max_norm)
+            if reason is None:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             if reason is not None:
                 with torch.no_grad():  # a skipped step leaves no trace, running statistics included

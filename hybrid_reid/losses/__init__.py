@@ -237,12 +237,13 @@ class Criterion(nn.Module):
 
 
 def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None,
-                    anchor: Optional[str] = None) -> Criterion:
+                    anchor: Optional[str] = None, gather: bool = True) -> Criterion:
     """Build from the ``loss`` config section: ``{name: {"weight": w, **kwargs}}``; weight 0 skips a loss.
 
     ``clip_consistency`` (the ``model.clip_consistency`` section) adds that loss with its epoch
     schedule when its weight is positive. ``anchor`` (``data.anchor_modality``) is given to every
-    loss that takes an ``anchor`` argument and does not set its own.
+    loss that takes an ``anchor`` argument and does not set its own. ``gather=False`` (``train.shards``:
+    every shard mines on its own) turns off every loss's mining over the processes' global batch.
     """
     losses, weights = {}, {}
     for name, spec in cfg.items():
@@ -261,6 +262,8 @@ def build_criterion(cfg: Mapping[str, Mapping[str, Any]], clip_consistency=None,
             continue
         if anchor is not None and "anchor" in params and "anchor" not in kwargs:
             kwargs["anchor"] = anchor
+        if not gather and "gather" in params:
+            kwargs["gather"] = False
         losses[name], weights[name] = cls(**kwargs), weight
     cc = clip_consistency
     if cc is not None and cc.weight > 0:
