@@ -153,14 +153,18 @@ def test_synth_cli(tmp_path):
 
 
 def test_accelerate_launch_one_process_is_identical_to_python(data_root, tmp_path):
+    # the same CPU threads for both (the bits depend on them); whatever OMP_NUM_THREADS the shell exports
     threads = str(torch.get_num_threads())
-    plain = run_python("run.py", "train", "--config", QUICK, *tiny_overrides(data_root, tmp_path / "plain", 2))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=threads)
+    plain = subprocess.run([sys.executable, "run.py", "train", "--config", QUICK,
+                            *tiny_overrides(data_root, tmp_path / "plain", 2)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert plain.returncode == 0, plain.stderr[-3000:]
     launched = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", threads, "run.py",
          "train", "--config", QUICK, *tiny_overrides(data_root, tmp_path / "launched", 2)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     a = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     b = json.loads((tmp_path / "launched" / "metrics.json").read_text())
