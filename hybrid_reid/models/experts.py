@@ -145,7 +145,11 @@ class ModalityLoRALinear(nn.Module):
         m = self.active
         if m is None or m == self.merged:
             return y
-        return y + self.lora_B[m](self.lora_A[m](self.lora_dropout(x))) * self.scaling
+        # y + scale * (A x) B^T as one addmm: the add and the scale ride on the GEMM (no [N, out] temporaries)
+        h = self.lora_A[m](self.lora_dropout(x))
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B[m].weight.t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, experts={list(self.lora_A)}"
