@@ -18,8 +18,9 @@ independent shards instead, and a process count only decides *where* each shard 
   every shard's gradient and add them in the same order.
 
 So 1, 2 ... S processes (any count dividing S, with the same CPU threads per process) compute the
-same bits. The price of several processes: each keeps its shards' gradients and gathers all S
-(S x the parameters in memory and traffic) instead of an all-reduce.
+same bits (tested with S = 4 on 1, 2 and 4 processes). The price of several processes: each keeps
+its shards' gradients and gathers all S (S x the parameters in memory and traffic) instead of an
+all-reduce, and one host sync per step.
 """
 from __future__ import annotations
 
