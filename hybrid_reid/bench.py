@@ -599,7 +599,8 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
                             "GPU machine, or pass --device cpu --tiny for a smoke run of the same code")
     modalities = ("rgb", "nir", "tir")
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev)
-    fns, figures = {}, {"images_per_s": {}, "peak_memory_gib": {}, "tflops_per_step": {}, "mfu": {}}
+    fns, figures = {}, {"images_per_s": {}, "peak_memory_gib": {}, "tflops_per_step": {}, "mfu": {},
+                        "median_step_s": {}}
     flops: Dict[str, float] = {}
     for backbone in backbones:
         spec = {"backbone": backbone, "fusion": "concat"}
@@ -617,7 +618,7 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
                 det = time_interleaved({name: fns[name], "det": lambda fn=fns[name]: _deterministic_call(fn)},
                                        reps, 1, dev)["det"]
                 figures["images_per_s"][f"{backbone}+deterministic"] = batch * len(modalities) / statistics.median(det)
-                figures.setdefault("median_step_s", {})[f"{backbone}+deterministic"] = statistics.median(det)
+                figures["median_step_s"][f"{backbone}+deterministic"] = statistics.median(det)
             times = time_interleaved({name: fns[name]}, reps, warmup, dev)[name]
             t = statistics.median(times)
             figures["images_per_s"][name] = batch * len(modalities) / t
@@ -626,7 +627,7 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
                 figures["peak_memory_gib"][name] = torch.cuda.max_memory_allocated(dev) / 2**30
             if peak:
                 figures["mfu"][name] = flops[backbone] / t / peak
-            figures.setdefault("median_step_s", {})[name] = t
+            figures["median_step_s"][name] = t
             if progress:
                 progress(_gpu_result(figures, backbones, tiny, batch, modalities, reps, warmup, dev, peak, True))
     figures["loader_images_per_s"] = _loader_rate(batch, reps=2, warmup=1, tiny=tiny, workers=workers)[0]
@@ -634,17 +635,14 @@ def bench_gpu(batch: int = 64, reps: int = 10, warmup: int = 3, tiny: bool = Fal
 
 
 def _deterministic_call(fn: Callable[[], object]) -> object:
-    """``fn()`` under ``train.deterministic``'s switches (deterministic algorithms, cuDNN deterministic
-    without autotuning), restored afterwards."""
-    cudnn = torch.backends.cudnn
-    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
-    torch.use_deterministic_algorithms(True)
-    cudnn.deterministic, cudnn.benchmark = True, False
+    """``fn()`` under ``train.deterministic``'s switches, restored afterwards."""
+    from .engine.train import DETERMINISTIC_SWITCHES, set_determinism_switches
+
+    saved = set_determinism_switches(DETERMINISTIC_SWITCHES)
     try:
         return fn()
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
+        set_determinism_switches(saved)
 
 
 def _gpu_result(figures: Dict[str, Dict], backbones: Sequence[str], tiny: bool, batch: int, modalities: Sequence[str],

@@ -223,11 +223,11 @@ class PKSampler(Sampler[List[int]]):
         return batches
 
     def __iter__(self) -> Iterator[List[SampleKey]]:
+        per_rank = self.shards // self.num_replicas
         for b, batch in enumerate(self.global_batches()):
             start = b * self.batch_size
             keys = [SampleKey(i, self.epoch, start + j * self.k + n)
                     for j, ids in enumerate(batch) for n, i in enumerate(ids)]
-            per_rank = self.shards // self.num_replicas
             for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
                 mine = [keys[j * self.k:(j + 1) * self.k] for j in range(shard, len(batch), self.shards)]
                 yield [key for ids in mine for key in ids]

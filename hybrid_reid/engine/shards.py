@@ -43,9 +43,7 @@ class ShardedStep:
     """The micro-steps of one optimizer step under ``train.shards`` (see the module docstring)."""
 
     def __init__(self, accelerator: Accelerator, shards: int, seed: int) -> None:
-        if shards % accelerator.num_processes:
-            raise ValueError(f"train.shards={shards} cannot be split evenly over {accelerator.num_processes} "
-                             "processes; use a process count that divides it")
+        # (that the process count divides ``shards`` is checked once, by the sampler built before this)
         self.accelerator, self.shards, self.seed = accelerator, shards, seed
         self.processes = accelerator.num_processes
         self.per_process = shards // self.processes

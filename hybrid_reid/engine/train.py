@@ -165,14 +165,25 @@ def _all_processes(accelerator: Accelerator, flags: torch.Tensor) -> List[bool]:
     return [bool(v) for v in flags.tolist()]
 
 
+# train.deterministic's torch switches: (deterministic algorithms, cuDNN deterministic, cuDNN autotuning)
+DETERMINISTIC_SWITCHES = (True, True, False)
+
+
+def set_determinism_switches(switches: Tuple[bool, bool, bool]) -> Tuple[bool, bool, bool]:
+    """Set (deterministic algorithms, cuDNN deterministic, cuDNN autotuning); returns the previous three."""
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(switches[0])
+    cudnn.deterministic, cudnn.benchmark = switches[1], switches[2]
+    return before
+
+
 def apply_determinism(enabled: bool) -> None:
     """``train.deterministic``: the torch / cuDNN / cuBLAS switches for bitwise-repeatable GPU runs."""
     if not enabled:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU work
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    set_determinism_switches(DETERMINISTIC_SWITCHES)
     logger.info("train.deterministic: deterministic algorithms on, cuDNN autotuning off, CUBLAS_WORKSPACE_CONFIG=%s. "
                 "Cost: GPU kernels without a deterministic variant raise an error, and scatter / index_add / "
                 "cuDNN convolutions use slower deterministic kernels (README, Reproducibility)",
